@@ -1,0 +1,54 @@
+"""The FastAPI app: build it with `create_app()`; uvicorn runs it with `--factory`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.routes import batches, jobs, system
+from jobs.db import make_engine, make_session_factory
+from jobs.queue import Publisher
+from jobs.reconcile import reconcile_once
+from jobs.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> FastAPI:
+    """An app wired to the configured database and broker."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.resolved_database_url())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        if reconcile:
+            threading.Thread(target=_reconcile_loop, args=(app, settings, stop), daemon=True).start()
+        yield
+        stop.set()
+        engine.dispose()
+
+    app = FastAPI(title="nightrender", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.session_factory = make_session_factory(engine)
+    app.state.publisher = Publisher(settings)
+    for module in (jobs, batches, system):
+        app.include_router(module.router)
+    return app
+
+
+def _reconcile_loop(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
+    # Runs at start-up and then every interval, in the API process: it owns publishing already,
+    # and a restarted stack resumes where it stopped without any extra service to deploy.
+    while not stop.is_set():
+        try:
+            reconcile_once(
+                app.state.session_factory, app.state.publisher, stale_after_s=settings.heartbeat_stale_s
+            )
+        except Exception:  # a database or broker outage must not kill the loop
+            log.exception("reconciler pass failed")
+        stop.wait(settings.reconcile_interval_s)

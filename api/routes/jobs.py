@@ -1,0 +1,84 @@
+"""Single jobs: submit, status, image, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, status
+from fastapi.responses import FileResponse
+
+from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep
+from api.errors import not_found
+from api.submission import expansion_errors, resolve_model
+from jobs.batching import ExpansionError, JobCreate, job_params
+from jobs.lifecycle import request_cancel
+from jobs.states import JobStatus
+from jobs.submit import submit_job
+from jobs.tables import Job
+from jobs.views import job_view
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_job(
+    body: JobCreate,
+    factory: FactoryDep,
+    publisher: PublisherDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    """Queue one prompt; returns its id."""
+    model = resolve_model(body.model, settings)
+    try:
+        params = job_params(body, model)
+    except ExpansionError as error:
+        raise expansion_errors(error) from None
+    submission = submit_job(
+        factory,
+        publisher,
+        params=params,
+        priority=body.priority,
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    return {"id": submission.job_ids[0], "status": JobStatus.QUEUED.value, "seed": params.seed}
+
+
+def load_job(session: SessionDep, job_id: str) -> Job:
+    """The job with this id, or a 404."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, session: SessionDep) -> dict[str, Any]:
+    """A job's status, progress, queue position, error and memory stats."""
+    return job_view(session, load_job(session, job_id))
+
+
+@router.get("/{job_id}/image", response_class=FileResponse)
+def get_job_image(job_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """The PNG of a succeeded job; its text metadata holds the prompt, seed, size, steps and model."""
+    job = load_job(session, job_id)
+    if job.status != JobStatus.SUCCEEDED or not job.result_path:
+        raise HTTPException(status_code=409, detail=f"job {job_id} has no image: it is {job.status}")
+    path = Path(job.result_path).resolve()
+    # Only files the worker wrote under the outputs folder are ever served.
+    if not path.is_relative_to(settings.resolved_outputs_dir()) or not path.is_file():
+        raise HTTPException(status_code=410, detail=f"the image of job {job_id} is no longer on disk")
+    return FileResponse(path, media_type="image/png", filename=f"{job_id}.png")
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, factory: FactoryDep) -> dict[str, Any]:
+    """Cancel a queued job at once, or stop a running one at its next step."""
+    with factory() as session, session.begin():
+        load_job(session, job_id)
+        request_cancel(session, job_ids=[job_id])
+    with factory() as session:
+        return job_view(session, load_job(session, job_id))

@@ -1,0 +1,97 @@
+"""Rich renderings for the CLI: live batch progress and the memory table."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.client import Client
+
+DONE_STATES = ("succeeded", "failed", "cancelled")
+
+
+class WorkerGone(RuntimeError):
+    """The worker this CLI started has exited while jobs were left."""
+
+
+def follow_batch(
+    client: Client,
+    batch_id: str,
+    console: Console,
+    poll_s: float = 0.5,
+    worker_alive: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Show a live progress bar until every job of the batch is finished; returns the final summary."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        summary = client.batch(batch_id)
+        task = progress.add_task("rendering", total=summary["total"], detail="")
+        while True:
+            done = sum(summary["counts"][state] for state in DONE_STATES)
+            progress.update(task, completed=done, detail=_detail(summary))
+            if done >= summary["total"]:
+                return summary
+            if worker_alive is not None and not worker_alive():
+                raise WorkerGone("the worker exited before the batch finished; see its log in DATA_DIR/logs")
+            time.sleep(poll_s)
+            summary = client.batch(batch_id)
+
+
+def _detail(summary: dict[str, Any]) -> str:
+    counts = summary["counts"]
+    eta = summary.get("eta_seconds")
+    eta_text = f"eta {eta:.0f}s" if eta is not None else "eta --"
+    return f"ok {counts['succeeded']} failed {counts['failed']} running {counts['running']} {eta_text}"
+
+
+def memory_table(jobs: list[dict[str, Any]]) -> Table:
+    """Peak memory and time per resolution and offload mode, from the jobs' recorded stats."""
+    groups: dict[tuple[int, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for job in jobs:
+        memory = job.get("memory")
+        if memory:
+            params = job["params"]
+            groups[(params["width"], params["height"], memory["offload_mode"])].append(memory)
+    table = Table(title="Memory by resolution (measured)")
+    for header in ("size", "mode", "device", "jobs", "peak alloc", "peak reserved", "host RSS", "s/image"):
+        table.add_column(header, justify="right" if header not in ("mode", "device") else "left")
+    for (width, height, mode), rows in sorted(groups.items(), key=lambda kv: kv[0][0] * kv[0][1]):
+        table.add_row(*_memory_row(f"{width}x{height}", mode, rows))
+    return table
+
+
+def _memory_row(size: str, mode: str, rows: list[dict[str, Any]]) -> list[str]:
+    seconds = [r["encode_s"] + r["denoise_s"] + r["decode_s"] + r["save_s"] for r in rows]
+    return [
+        size,
+        mode,
+        rows[0]["device_name"],
+        str(len(rows)),
+        gigabytes(max_or_none(r["peak_allocated_bytes"] for r in rows)),
+        gigabytes(max_or_none(r["peak_reserved_bytes"] for r in rows)),
+        gigabytes(max_or_none(r["host_rss_bytes"] for r in rows)),
+        f"{sum(seconds) / len(seconds):.3f}",
+    ]
+
+
+def max_or_none(values: Any) -> int | None:
+    """The largest value that is not None, or None."""
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def gigabytes(value: int | None) -> str:
+    """Bytes as GB with two decimals; n/a where nothing was measured (the CPU has no device memory)."""
+    return "n/a" if value is None else f"{value / 1e9:.2f} GB"

@@ -1,0 +1,1 @@
+"""nightrender's shared domain: settings, database, tables, job states and queue names."""

@@ -1,0 +1,174 @@
+"""Batch requests and their expansion: prompts x seeds x sizes, each checked as GenerationParams."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jobs.params import MAX_SEED, Dtype, GenerationParams
+
+OVERRIDABLE = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
+
+
+class PromptItem(BaseModel):
+    """One prompt with optional per-prompt overrides (a CSV row or a JSONL line)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+
+class Size(BaseModel):
+    """An image size in pixels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int
+    height: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text_or_pair(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            width, sep, height = value.lower().partition("x")
+            if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+                raise ValueError(f"size must look like 1024x768, got {value!r}")
+            return {"width": int(width), "height": int(height)}
+        if isinstance(value, list | tuple):
+            if len(value) != 2:
+                raise ValueError("size must be [width, height]")
+            return {"width": value[0], "height": value[1]}
+        return value
+
+
+class JobCreate(BaseModel):
+    """`POST /v1/jobs`: one prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int = 1024
+    height: int = 1024
+    steps: int = 9
+    guidance_scale: float = 0.0
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    model: str | None = None
+    dtype: Dtype = "bf16"
+    priority: int = Field(0, ge=0, le=9)
+
+
+class BatchCreate(BaseModel):
+    """`POST /v1/batches`: prompts x seeds x sizes, with shared defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str | PromptItem] = Field(min_length=1)
+    negative_prompt: str | None = None
+    width: int = 1024
+    height: int = 1024
+    sizes: list[Size] | None = Field(None, min_length=1)
+    steps: int = 9
+    guidance_scale: float = 0.0
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seeds: list[int] | None = Field(None, min_length=1)
+    model: str | None = None
+    dtype: Dtype = "bf16"
+    priority: int = Field(0, ge=0, le=9)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, seeds: list[int] | None) -> list[int] | None:
+        for seed in seeds or []:
+            if not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"every seed must be between 0 and {MAX_SEED}, got {seed}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _one_seed_form(self) -> BatchCreate:
+        if self.seed is not None and self.seeds is not None:
+            raise ValueError("give either 'seed' or 'seeds', not both")
+        return self
+
+    def job_count(self) -> int:
+        """How many jobs this request expands to."""
+        return len(self.prompts) * len(self.seeds or [0]) * len(self.sizes or [0])
+
+
+class ExpansionError(ValueError):
+    """Expanded parameters that are invalid, with pydantic-style error entries located in the body."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors[0]["msg"] if errors else "invalid batch")
+        self.errors = errors
+
+
+def random_seed() -> int:
+    """A fresh seed, stored on the job so the image can be reproduced."""
+    return secrets.randbelow(2**31)
+
+
+def job_params(request: JobCreate, model: str) -> GenerationParams:
+    """A single job's parameters, with a seed chosen if none was given."""
+    fields = request.model_dump(exclude={"priority", "seed", "model"})
+    seed = request.seed if request.seed is not None else random_seed()
+    return _checked(lambda: GenerationParams(**fields, seed=seed, model=model), ())
+
+
+def expand_batch(request: BatchCreate, model: str) -> list[GenerationParams]:
+    """Every (prompt, seed, size) combination, in prompt-major order."""
+    sizes = request.sizes or [Size(width=request.width, height=request.height)]
+    seeds: list[int | None] = list(request.seeds) if request.seeds else [request.seed]
+    _check_shared_fields(request, sizes, model)
+    expanded: list[GenerationParams] = []
+    for index, item in enumerate(request.prompts):
+        entry = item if isinstance(item, PromptItem) else PromptItem(prompt=item)
+        for seed in seeds:
+            for size in sizes:
+                base = _base_fields(request, size, seed)
+                base.update(entry.model_dump(exclude_none=True))
+                base.setdefault("seed", random_seed())
+                expanded.append(_checked(lambda b=base: GenerationParams(**b, model=model), ("prompts", index)))
+    return expanded
+
+
+def _check_shared_fields(request: BatchCreate, sizes: list[Size], model: str) -> None:
+    # Report a bad shared field (width, steps, ...) at its own place, not at the first prompt.
+    for index, size in enumerate(sizes):
+        base = {**_base_fields(request, size, 0), "prompt": "-"}
+        where: tuple[Any, ...] = ("sizes", index) if request.sizes else ()
+        _checked(lambda b=base: GenerationParams(**b, model=model), where)
+
+
+def _base_fields(request: BatchCreate, size: Size, seed: int | None) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "negative_prompt": request.negative_prompt,
+        "width": size.width,
+        "height": size.height,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "dtype": request.dtype,
+    }
+    if seed is not None:
+        base["seed"] = seed
+    return base
+
+
+def _checked(build: Any, where: tuple[Any, ...]) -> GenerationParams:
+    try:
+        return build()
+    except ValidationError as error:
+        raise ExpansionError(
+            [
+                {"loc": ["body", *where, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                for e in error.errors(include_url=False, include_context=False, include_input=False)
+            ]
+        ) from None

@@ -1,0 +1,144 @@
+"""A job's transitions in SQL. Every write after the claim is fenced by the lease token."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.orm import Session
+
+from jobs.params import GenerationParams
+from jobs.states import JobStatus
+from jobs.tables import Job, JobStats, utcnow
+
+PARAM_FIELDS = tuple(GenerationParams.model_fields)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker now owns, with the token that proves it."""
+
+    job_id: str
+    lease_token: str
+    attempt: int
+    params: GenerationParams
+    batch_id: str | None
+
+
+def claim_job(session: Session, *, job_id: str) -> Claim | None:
+    """Take a queued job with one conditional UPDATE; None means someone else has it or it is done."""
+    token = str(uuid.uuid4())
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.QUEUED,
+            Job.attempts < Job.max_attempts,
+            Job.cancel_requested.is_(False),
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            lease_token=token,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            progress_step=0,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get_one(Job, job_id)
+    params = GenerationParams(**{name: getattr(job, name) for name in PARAM_FIELDS})
+    return Claim(job_id=job_id, lease_token=token, attempt=job.attempts, params=params, batch_id=job.batch_id)
+
+
+def _leased(job_id: str, token: str) -> Any:
+    return and_(Job.id == job_id, Job.lease_token == token, Job.status == JobStatus.RUNNING)
+
+
+def record_progress(session: Session, *, job_id: str, lease_token: str, step: int) -> bool:
+    """Store the step and a heartbeat; False means stop (cancel requested or lease lost)."""
+    result = session.execute(
+        update(Job)
+        .where(_leased(job_id, lease_token))
+        .values(progress_step=step, heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    return not session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+
+
+def finish_job(
+    session: Session, *, job_id: str, lease_token: str, result_path: str, stats: dict[str, Any]
+) -> bool:
+    """Mark succeeded with its image and stats in one transaction, only while the lease holds."""
+    return _finalise(session, job_id, lease_token, JobStatus.SUCCEEDED, stats, result_path=result_path)
+
+
+def fail_job(
+    session: Session, *, job_id: str, lease_token: str, error: str, stats: dict[str, Any] | None
+) -> bool:
+    """Mark failed with the reason, only while the lease holds."""
+    return _finalise(session, job_id, lease_token, JobStatus.FAILED, stats, error=error)
+
+
+def cancel_running_job(
+    session: Session, *, job_id: str, lease_token: str, stats: dict[str, Any] | None
+) -> bool:
+    """Mark a job the worker stopped on request as cancelled."""
+    return _finalise(session, job_id, lease_token, JobStatus.CANCELLED, stats, error="cancelled by request")
+
+
+def _finalise(
+    session: Session,
+    job_id: str,
+    lease_token: str,
+    status: JobStatus,
+    stats: dict[str, Any] | None,
+    **values: Any,
+) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(_leased(job_id, lease_token))
+        .values(status=status, finished_at=utcnow(), lease_token=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    if stats is not None:
+        session.merge(JobStats(job_id=job_id, **stats))
+    return True
+
+
+def request_cancel(session: Session, *, job_ids: list[str]) -> int:
+    """Cancel queued jobs at once and flag running ones to stop at their next step."""
+    now = utcnow()
+    stopped = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, error="cancelled by request")
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    flagged = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    return int(stopped + flagged)
+
+
+def fail_if_exhausted(session: Session, *, job_id: str) -> bool:
+    """A queued job whose attempts are spent can never be claimed: fail it so the batch can finish."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempts >= Job.max_attempts)
+        .values(status=JobStatus.FAILED, finished_at=utcnow(), error="attempts exhausted")
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,43 @@
+"""GenerationParams: the one validated contract between the API, SQL and the worker."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+SIZE_MULTIPLE = 16
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_PIXELS = 2048 * 2048
+MAX_SEED = 2**63 - 1
+
+
+class GenerationParams(BaseModel):
+    """Everything a worker needs to render one image, exactly as stored on the job row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    width: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE)
+    steps: int = Field(9, ge=1, le=100)
+    guidance_scale: float = Field(0.0, ge=0.0, le=30.0)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    model: str = Field(min_length=1, max_length=500)
+    dtype: Dtype = "bf16"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        if value % SIZE_MULTIPLE:
+            raise ValueError(f"must be a multiple of {SIZE_MULTIPLE} (got {value})")
+        return value

@@ -1,0 +1,100 @@
+"""Queue names and publishing: Redis only wakes the worker; SQL is the truth.
+
+Clients publish by task name, so the API never imports the worker's code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from celery import Celery
+
+from jobs.settings import Settings
+
+RENDER_TASK = "nightrender.render_job"
+# Redis has no native priorities; kombu emulates them with one list per step, lowest number first.
+PRIORITY_STEPS = list(range(10))
+MAX_PRIORITY = 9
+VISIBILITY_TIMEOUT_S = 6 * 3600
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Celery settings shared by the publisher and the worker."""
+    transport = {
+        "visibility_timeout": VISIBILITY_TIMEOUT_S,
+        "priority_steps": PRIORITY_STEPS,
+        "queue_order_strategy": "priority",
+    }
+    return {
+        "broker_url": settings.resolved_redis_url(),
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.queue_name,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,
+        "worker_pool": "solo",
+    }
+
+
+def make_celery(settings: Settings, name: str = "nightrender") -> Celery:
+    """A Celery app configured for our broker; used bare by publishers."""
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def broker_priority(priority: int) -> int:
+    """Map a user priority (higher runs sooner) onto kombu's Redis steps (lower runs sooner)."""
+    return MAX_PRIORITY - max(0, min(MAX_PRIORITY, priority))
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One wake-up message: which job, at what priority."""
+
+    job_id: str
+    priority: int
+
+
+class Publisher:
+    """Sends wake-up messages for committed jobs; the Celery task id is the job id."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._app = make_celery(settings, name="nightrender-publisher")
+        self._queue = settings.queue_name
+
+    def publish(self, items: Iterable[Publication]) -> list[str]:
+        """Publish over one connection; returns the job ids that were sent."""
+        sent: list[str] = []
+        with self._app.producer_or_acquire() as producer:
+            for item in items:
+                self._app.send_task(
+                    RENDER_TASK,
+                    args=[item.job_id],
+                    task_id=item.job_id,
+                    queue=self._queue,
+                    priority=broker_priority(item.priority),
+                    producer=producer,
+                )
+                sent.append(item.job_id)
+        return sent
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be reached."""
+        with self._app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+            connection.default_channel.client.ping()
+
+    def queue_length(self) -> int:
+        """Messages waiting in the broker across all priority lists (for tests and ops)."""
+        with self._app.connection_for_write() as connection:
+            client = connection.default_channel.client
+            names = [self._queue] + [f"{self._queue}\x06\x16{step}" for step in PRIORITY_STEPS[1:]]
+            return int(sum(client.llen(name) for name in names))

@@ -1,0 +1,78 @@
+"""The reconciler: SQL is the truth, so anything Redis or a dead worker lost is found here and redone."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs.db import transaction
+from jobs.queue import Publication, Publisher
+from jobs.states import JobStatus
+from jobs.submit import publish_jobs
+from jobs.tables import Job, utcnow
+
+log = logging.getLogger(__name__)
+REPUBLISH_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What one pass did."""
+
+    requeued: int
+    failed: int
+    republished: int
+
+
+def recover_stale_running(session: Session, *, stale_after_s: float) -> tuple[int, int]:
+    """Running jobs whose heartbeat stopped go back to the queue, or fail once their attempts are spent."""
+    cutoff = utcnow() - timedelta(seconds=stale_after_s)
+    stale = (Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)
+    failed = session.execute(
+        update(Job)
+        .where(*stale, Job.attempts >= Job.max_attempts)
+        .values(status=JobStatus.FAILED, lease_token=None, finished_at=utcnow(), error="worker lost")
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    requeued = session.execute(
+        update(Job)
+        .where(*stale, Job.attempts < Job.max_attempts)
+        .values(status=JobStatus.QUEUED, lease_token=None, published_at=None, progress_step=0)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    return int(requeued), int(failed)
+
+
+def unpublished_jobs(session: Session, *, limit: int) -> list[Publication]:
+    """Queued jobs with no message sent yet (publishing failed, or they were requeued)."""
+    rows = session.execute(
+        select(Job.id, Job.priority)
+        .where(Job.status == JobStatus.QUEUED, Job.published_at.is_(None))
+        .order_by(Job.priority.desc(), Job.created_at, Job.batch_index)
+        .limit(limit)
+    ).all()
+    return [Publication(job_id=row.id, priority=row.priority) for row in rows]
+
+
+def reconcile_once(
+    factory: sessionmaker[Session], publisher: Publisher, *, stale_after_s: float
+) -> ReconcileReport:
+    """One pass: recover stale jobs, then publish whatever has no message."""
+    with transaction(factory) as session:
+        requeued, failed = recover_stale_running(session, stale_after_s=stale_after_s)
+    republished = 0
+    while True:
+        with factory() as session:
+            batch = unpublished_jobs(session, limit=REPUBLISH_CHUNK)
+        sent = publish_jobs(factory, publisher, batch) if batch else 0
+        republished += sent
+        if sent < REPUBLISH_CHUNK:
+            break
+    report = ReconcileReport(requeued=requeued, failed=failed, republished=republished)
+    if requeued or failed or republished:
+        log.info("reconciler: %s", report)
+    return report

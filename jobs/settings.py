@@ -1,0 +1,74 @@
+"""One settings object, read from the environment (and an optional .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OffloadMode = Literal["none", "model", "sequential", "group"]
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+
+
+class Settings(BaseSettings):
+    """Deployment choices for the API, the worker and the CLI; field names are the env variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    data_dir: Path = Field(Path(".nightrender"), description="Where the embedded database, Redis and outputs live")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset means SQLite in DATA_DIR")
+    redis_url: str | None = Field(None, description="Broker URL; unset means the embedded Redis")
+    outputs_dir: Path | None = Field(None, description="Where images are written; unset means DATA_DIR/outputs")
+    model_cache_dir: Path = Field(Path(".nightrender/models"), description="Synthetic pipelines and HF cache")
+    queue_name: str = Field("nightrender", description="Celery queue the API publishes to")
+    default_model: str = DEFAULT_MODEL
+    allowed_models: str = Field(
+        f"{DEFAULT_MODEL},synthetic:tiny,synthetic:full",
+        description="Comma-separated models a job may name; a local folder path may be added",
+    )
+    worker_model: str | None = Field(None, description="Model the worker loads at start; unset = DEFAULT_MODEL")
+    worker_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    offload_mode: OffloadMode = "none"
+    max_attempts: int = Field(3, ge=1)
+    max_batch_jobs: int = Field(10_000, ge=1)
+    max_prompt_chars: int = Field(2_000, ge=1)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str | None = Field(None, description="Where the CLI finds the API; unset = http://API_HOST:API_PORT")
+    embedded_redis_port: int = 6390
+    reconcile_interval_s: float = Field(30.0, gt=0)
+    republish_after_s: float = Field(60.0, ge=0)
+    heartbeat_stale_s: float = Field(120.0, gt=0)
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data dir."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'nightrender.db').resolve()}"
+
+    def resolved_redis_url(self) -> str:
+        """The broker URL, defaulting to the embedded Redis on its port."""
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    def resolved_outputs_dir(self) -> Path:
+        """The folder images are written to."""
+        return (self.outputs_dir or self.data_dir / "outputs").resolve()
+
+    def resolved_api_url(self) -> str:
+        """The base URL clients use for the API."""
+        return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    def allowed_model_names(self) -> list[str]:
+        """The models a job may name."""
+        return [name.strip() for name in self.allowed_models.split(",") if name.strip()]
+
+    def resolved_worker_model(self) -> str:
+        """The model the worker loads at start."""
+        return self.worker_model or self.default_model
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

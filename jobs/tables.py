@@ -1,0 +1,110 @@
+"""SQL tables: batches, jobs and each job's memory stats. Alembic owns the schema."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names, so migrations name the same things on PostgreSQL and SQLite.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Batch(Base):
+    """A group of jobs submitted together."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    total_jobs: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="batch")
+
+
+class Job(Base):
+    """One image to render: its parameters, its place in the queue and its outcome."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    batch_index: Mapped[int] = mapped_column(Integer, default=0)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(500))
+    dtype: Mapped[str] = mapped_column(String(8))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_token: Mapped[str | None] = mapped_column(String(36))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    retry_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    result_path: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    batch: Mapped[Batch | None] = relationship(back_populates="jobs")
+    stats: Mapped[JobStats | None] = relationship(back_populates="job", uselist=False)
+
+
+class JobStats(Base):
+    """Measured memory and time of a job's final attempt: the product's evidence."""
+
+    __tablename__ = "job_stats"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    peak_allocated_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    peak_reserved_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    device_total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    device_used_start_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    device_free_start_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    device_used_end_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    device_free_end_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    host_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    offload_mode: Mapped[str] = mapped_column(String(32))
+    plan: Mapped[str | None] = mapped_column(Text)
+    predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    load_s: Mapped[float] = mapped_column(Float, default=0.0)
+    encode_s: Mapped[float] = mapped_column(Float, default=0.0)
+    denoise_s: Mapped[float] = mapped_column(Float, default=0.0)
+    decode_s: Mapped[float] = mapped_column(Float, default=0.0)
+    save_s: Mapped[float] = mapped_column(Float, default=0.0)
+    device_name: Mapped[str] = mapped_column(String(200))
+    torch_version: Mapped[str] = mapped_column(String(50))
+    diffusers_version: Mapped[str] = mapped_column(String(50))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="stats")

@@ -1,0 +1,162 @@
+"""Read models for clients: a job's status, a batch's summary and the memory-by-resolution table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.orm import Session
+
+from jobs.states import TERMINAL, JobStatus, batch_status
+from jobs.tables import Batch, Job, JobStats
+
+STAT_FIELDS = [c.name for c in JobStats.__table__.columns if c.name not in ("job_id",)]
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """How many queued jobs run before this one (0 = next); None once it has left the queue."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    ahead = or_(
+        Job.priority > job.priority,
+        and_(Job.priority == job.priority, Job.created_at < job.created_at),
+        and_(
+            Job.priority == job.priority,
+            Job.created_at == job.created_at,
+            Job.batch_index < job.batch_index,
+        ),
+    )
+    count = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, ahead))
+    return int(count or 0)
+
+
+def memory_view(stats: JobStats | None) -> dict[str, Any] | None:
+    """A job's recorded memory and timing, or None until it has some."""
+    if stats is None:
+        return None
+    view = {name: getattr(stats, name) for name in STAT_FIELDS}
+    view["recorded_at"] = stats.recorded_at.isoformat() if stats.recorded_at else None
+    return view
+
+
+def job_view(session: Session, job: Job) -> dict[str, Any]:
+    """What `GET /v1/jobs/{id}` returns."""
+    return {
+        "id": job.id,
+        "batch_id": job.batch_id,
+        "status": job.status,
+        "prompt": job.prompt,
+        "params": {
+            "width": job.width,
+            "height": job.height,
+            "steps": job.steps,
+            "guidance_scale": job.guidance_scale,
+            "seed": job.seed,
+            "model": job.model,
+            "dtype": job.dtype,
+            "negative_prompt": job.negative_prompt,
+        },
+        "priority": job.priority,
+        "progress": {"step": job.progress_step, "total": job.steps},
+        "queue_position": queue_position(session, job),
+        "attempts": job.attempts,
+        "error": job.error,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "memory": memory_view(job.stats),
+    }
+
+
+def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
+    """How many of a batch's jobs are in each state (every state listed)."""
+    rows = session.execute(
+        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+    ).all()
+    counts = {status.value: 0 for status in JobStatus}
+    counts.update({status: int(n) for status, n in rows})
+    return counts
+
+
+def batch_view(session: Session, batch: Batch) -> dict[str, Any]:
+    """What `GET /v1/batches/{id}` returns, with progress in [0, 1] and an ETA from measured times."""
+    counts = batch_counts(session, batch.id)
+    done = sum(counts[s] for s in TERMINAL)
+    steps_done, steps_total = _step_progress(session, batch.id)
+    remaining = batch.total_jobs - done
+    return {
+        "id": batch.id,
+        "status": batch_status(counts).value,
+        "total": batch.total_jobs,
+        "counts": counts,
+        "progress": round(steps_done / steps_total, 4) if steps_total else 1.0,
+        "eta_seconds": _eta_seconds(session, batch.id, remaining),
+        "created_at": batch.created_at.isoformat(),
+    }
+
+
+def _step_progress(session: Session, batch_id: str) -> tuple[int, int]:
+    # Finished jobs count in full; a running job counts its recorded steps.
+    finished = Job.status.in_([s.value for s in TERMINAL])
+    done_expr = case((finished, Job.steps), else_=Job.progress_step)
+    row = session.execute(
+        select(func.coalesce(func.sum(done_expr), 0), func.coalesce(func.sum(Job.steps), 0)).where(
+            Job.batch_id == batch_id
+        )
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def _eta_seconds(session: Session, batch_id: str, remaining: int) -> float | None:
+    """Remaining jobs times the mean measured seconds per image (this batch first, else any job)."""
+    if remaining <= 0:
+        return 0.0
+    per_image = JobStats.encode_s + JobStats.denoise_s + JobStats.decode_s + JobStats.save_s
+    for scope in (Job.batch_id == batch_id, True):
+        mean = session.scalar(select(func.avg(per_image)).join(Job).where(scope))
+        if mean is not None:
+            return round(float(mean) * remaining, 1)
+    return None
+
+
+def stats_by_resolution(session: Session) -> list[dict[str, Any]]:
+    """Measured memory and time grouped by resolution and offload mode, from real job records."""
+    per_image = JobStats.encode_s + JobStats.denoise_s + JobStats.decode_s + JobStats.save_s
+    rows = session.execute(
+        select(
+            Job.width,
+            Job.height,
+            JobStats.offload_mode,
+            JobStats.device_name,
+            func.count(),
+            func.max(JobStats.peak_allocated_bytes),
+            func.max(JobStats.peak_reserved_bytes),
+            func.avg(JobStats.peak_reserved_bytes),
+            func.avg(per_image),
+            func.avg(JobStats.denoise_s),
+        )
+        .join(JobStats, JobStats.job_id == Job.id)
+        .where(Job.status == JobStatus.SUCCEEDED)
+        .group_by(Job.width, Job.height, JobStats.offload_mode, JobStats.device_name)
+        .order_by(Job.width * Job.height, Job.width, JobStats.offload_mode)
+    ).all()
+    return [_stats_row(row) for row in rows]
+
+
+def _stats_row(row: Any) -> dict[str, Any]:
+    width, height, mode, device, n, max_alloc, max_res, mean_res, mean_s, mean_denoise = row
+    return {
+        "width": width,
+        "height": height,
+        "offload_mode": mode,
+        "device_name": device,
+        "jobs": int(n),
+        "peak_allocated_bytes_max": _int_or_none(max_alloc),
+        "peak_reserved_bytes_max": _int_or_none(max_res),
+        "peak_reserved_bytes_mean": _int_or_none(mean_res),
+        "seconds_per_image_mean": round(float(mean_s), 4) if mean_s is not None else None,
+        "denoise_seconds_mean": round(float(mean_denoise), 4) if mean_denoise is not None else None,
+    }
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value is not None else None

@@ -1,0 +1,55 @@
+"""The Celery app for one GPU: solo pool, one job at a time, the pipeline loaded once at start.
+
+Start it with `nightrender worker` (or `celery -A worker.celery_app worker -P solo -c 1`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init
+
+from jobs.db import make_engine, make_session_factory
+from jobs.queue import RENDER_TASK, make_celery
+from jobs.settings import get_settings
+from worker.engine import EngineError
+from worker.runner import JobRunner, PipelineHolder
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app: Celery = make_celery(settings, name="nightrender-worker")
+app.conf.worker_hijack_root_logger = False
+
+_runner: JobRunner | None = None
+_holder = PipelineHolder(settings)
+
+
+def runner() -> JobRunner:
+    """The process's job runner, built on first use (the database engine never crosses a fork)."""
+    global _runner
+    if _runner is None:
+        factory = make_session_factory(make_engine(settings.resolved_database_url()))
+        _runner = JobRunner(settings, factory, _holder)
+    return _runner
+
+
+@worker_init.connect
+def load_pipeline_at_start(**_: Any) -> None:
+    """Load the worker's model before taking the first job, so no job pays for it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _holder.get(settings.resolved_worker_model(), settings.worker_dtype)
+    except EngineError as error:
+        log.error("nightrender worker cannot start: %s", error)
+        raise SystemExit(2) from None
+
+
+@app.task(name=RENDER_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def render_job(job_id: str) -> str:
+    """Claim the job in SQL, render it and store the outcome; a duplicate delivery is a no-op."""
+    outcome = runner().run(job_id)
+    log.info("job %s: %s", job_id, outcome)
+    return outcome

@@ -1,0 +1,69 @@
+"""Memory probes: device memory from NVML (or torch), peaks from the caching allocator, host RSS."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Device-wide memory in bytes at one moment (every process, the CUDA context included)."""
+
+    total: int
+    used: int
+    free: int
+
+
+def device_memory(device: torch.device) -> DeviceMemory | None:
+    """NVML where it works, else `torch.cuda.mem_get_info`, else None on the CPU."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _nvml_memory(index) or _torch_memory(index)
+
+
+def _nvml_memory(index: int) -> DeviceMemory | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return DeviceMemory(total=int(info.total), used=int(info.used), free=int(info.free))
+    except Exception:  # no NVML library (WSL, some containers): fall back to the CUDA runtime
+        return None
+
+
+def _torch_memory(index: int) -> DeviceMemory:
+    free, total = torch.cuda.mem_get_info(index)
+    return DeviceMemory(total=int(total), used=int(total - free), free=int(free))
+
+
+def host_rss_bytes() -> int:
+    """This process's resident set size."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def reset_for_job(device: torch.device) -> None:
+    """Free what the last job left and restart the peak counters, so each job's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> tuple[int | None, int | None]:
+    """Peak allocated and reserved bytes since the last reset; None on the CPU."""
+    if device.type != "cuda":
+        return None, None
+    return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the device jobs run on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"

@@ -1,0 +1,157 @@
+"""Rendering one image and measuring it, phase by phase."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import diffusers
+import torch
+from PIL import Image
+
+from worker.engine.loading import LoadedPipeline
+from worker.engine.memory import device_memory, device_name, host_rss_bytes, peak_bytes, reset_for_job
+
+# Called after each denoising step with (steps done, total); returning False stops the render.
+StepCallback = Callable[[int, int], bool]
+
+
+class RenderCancelled(Exception):
+    """The step callback asked to stop (cancel requested, or the job's lease was lost)."""
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One image's parameters, as the engine sees them (no queue or database types)."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    negative_prompt: str | None = None
+
+
+@dataclass
+class RenderStats:
+    """What a job cost; the field names match the job_stats columns."""
+
+    offload_mode: str
+    device_name: str
+    torch_version: str = torch.__version__
+    diffusers_version: str = diffusers.__version__
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    device_total_bytes: int | None = None
+    device_used_start_bytes: int | None = None
+    device_free_start_bytes: int | None = None
+    device_used_end_bytes: int | None = None
+    device_free_end_bytes: int | None = None
+    host_rss_bytes: int | None = None
+    plan: str | None = None
+    predicted_peak_bytes: int | None = None
+    load_s: float = 0.0
+    encode_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    save_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class RenderResult:
+    """The image and what it cost."""
+
+    image: Image.Image
+    stats: RenderStats
+
+
+@contextmanager
+def timed(stats: RenderStats, phase: str, device: torch.device) -> Iterator[None]:
+    """Time a phase into `stats.<phase>_s`, synchronising so queued GPU work is counted."""
+    started = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    setattr(stats, f"{phase}_s", time.perf_counter() - started)
+
+
+def render(loaded: LoadedPipeline, request: RenderRequest, on_step: StepCallback | None = None) -> RenderResult:
+    """Render one image with a seeded CPU generator, so the same request gives the same image."""
+    device = loaded.device
+    reset_for_job(device)
+    stats = RenderStats(offload_mode=loaded.offload_mode, device_name=device_name(device))
+    _record_start(stats, device)
+    with torch.inference_mode():
+        with timed(stats, "encode", device):
+            embeds, negative = _encode(loaded, request)
+        with timed(stats, "denoise", device):
+            latents = _denoise(loaded, request, embeds, negative, on_step)
+        with timed(stats, "decode", device):
+            image = decode_latents(loaded, latents)
+    _record_end(stats, device)
+    return RenderResult(image=image, stats=stats)
+
+
+def _record_start(stats: RenderStats, device: torch.device) -> None:
+    memory = device_memory(device)
+    if memory is not None:
+        stats.device_total_bytes = memory.total
+        stats.device_used_start_bytes = memory.used
+        stats.device_free_start_bytes = memory.free
+
+
+def _record_end(stats: RenderStats, device: torch.device) -> None:
+    stats.peak_allocated_bytes, stats.peak_reserved_bytes = peak_bytes(device)
+    memory = device_memory(device)
+    if memory is not None:
+        stats.device_used_end_bytes = memory.used
+        stats.device_free_end_bytes = memory.free
+    stats.host_rss_bytes = host_rss_bytes()
+
+
+def _encode(loaded: LoadedPipeline, request: RenderRequest) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return loaded.pipeline.encode_prompt(
+        prompt=request.prompt,
+        device=loaded.device,
+        do_classifier_free_guidance=request.guidance_scale > 0,
+        negative_prompt=request.negative_prompt,
+    )
+
+
+def _denoise(
+    loaded: LoadedPipeline,
+    request: RenderRequest,
+    embeds: list[torch.Tensor],
+    negative: list[torch.Tensor],
+    on_step: StepCallback | None,
+) -> torch.Tensor:
+    def after_step(_pipe: object, index: int, _timestep: object, _tensors: dict) -> dict:
+        if on_step is not None and not on_step(index + 1, request.steps):
+            raise RenderCancelled(f"stopped after step {index + 1} of {request.steps}")
+        return {}
+
+    output = loaded.pipeline(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative if request.guidance_scale > 0 else None,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        output_type="latent",
+        callback_on_step_end=after_step,
+    )
+    return output.images
+
+
+def decode_latents(loaded: LoadedPipeline, latents: torch.Tensor) -> Image.Image:
+    """Undo the VAE's scaling and shift, decode, and post-process into a PIL image."""
+    pipeline = loaded.pipeline
+    vae = pipeline.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    decoded = vae.decode(latents, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
