@@ -30,18 +30,18 @@ class Stack:
         self.env = {**os.environ, **self._stack_env(), **(extra_env or {})}
 
     def _stack_env(self) -> dict[str, str]:
+        # Children read the same Settings from their environment, so export every field we hold.
         s = self.settings
-        return {
-            "DATABASE_URL": s.resolved_database_url(),
-            "REDIS_URL": s.resolved_redis_url(),
-            "DATA_DIR": str(s.data_dir.resolve()),
-            "OUTPUTS_DIR": str(s.resolved_outputs_dir()),
-            "MODEL_CACHE_DIR": str(s.model_cache_dir.resolve()),
-            "QUEUE_NAME": s.queue_name,
-            "API_HOST": s.api_host,
-            "API_PORT": str(s.api_port),
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = {name.upper(): str(value) for name, value in s.model_dump().items() if value is not None}
+        env.update(
+            DATABASE_URL=s.resolved_database_url(),
+            REDIS_URL=s.resolved_redis_url(),
+            DATA_DIR=str(s.data_dir.resolve()),
+            OUTPUTS_DIR=str(s.resolved_outputs_dir()),
+            MODEL_CACHE_DIR=str(s.model_cache_dir.resolve()),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
 
     def start(self, *, api: bool = True, worker: bool = True) -> None:
         """Redis if embedded, the migrations, then the API and the worker; waits until healthy."""
