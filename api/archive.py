@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import zipfile
 from pathlib import Path
@@ -19,16 +20,16 @@ def build_archive(session: Session, batch: Batch, outputs_dir: Path) -> Path:
     jobs = session.scalars(
         select(Job).where(Job.batch_id == batch.id).order_by(Job.batch_index).options(selectinload(Job.stats))
     ).all()
-    handle = tempfile.NamedTemporaryFile(prefix="nightrender-", suffix=".zip", delete=False)
-    handle.close()
+    descriptor, name = tempfile.mkstemp(prefix="nightrender-", suffix=".zip")
+    os.close(descriptor)
     manifest = []
-    with zipfile.ZipFile(handle.name, "w", compression=zipfile.ZIP_STORED) as archive:
+    with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_STORED) as archive:
         for job in jobs:
             entry = job_view(session, job)
             entry["file"] = _add_image(archive, job, outputs_dir)
             manifest.append(entry)
         archive.writestr("manifest.json", json.dumps({"batch_id": batch.id, "jobs": manifest}, indent=2))
-    return Path(handle.name)
+    return Path(name)
 
 
 def _add_image(archive: zipfile.ZipFile, job: Job, outputs_dir: Path) -> str | None:

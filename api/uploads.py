@@ -29,7 +29,9 @@ def _decode(content: bytes) -> str:
     try:
         return content.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise invalid(["body", "file"], f"file is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise invalid(
+            ["body", "file"], f"file is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
 
 
 def _parse_txt(text: str) -> list[str | dict[str, Any]]:
@@ -41,7 +43,7 @@ def _parse_csv(text: str) -> list[str | dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
         raise invalid(["body", "file"], "CSV needs a header row with a 'prompt' column")
-    return [_typed_row(row, line) for line, row in enumerate(reader, start=2)]
+    return [_typed_row(row, reader.line_num) for row in reader]
 
 
 def _typed_row(row: dict[str, Any], line: int) -> dict[str, Any]:
@@ -52,7 +54,9 @@ def _typed_row(row: dict[str, Any], line: int) -> dict[str, Any]:
         try:
             item[key] = NUMERIC[key](value) if key in NUMERIC else value
         except ValueError:
-            raise invalid(["body", "file", f"line {line}", key], f"{key} must be a number, got {value!r}") from None
+            raise invalid(
+                ["body", "file", f"line {line}", key], f"{key} must be a number, got {value!r}"
+            ) from None
     return item
 
 

@@ -65,8 +65,10 @@ class Client:
 
 def _json(response: httpx.Response) -> dict[str, Any]:
     if response.status_code >= 400:
-        raise ApiError(f"{response.request.method} {response.request.url.path} -> "
-                       f"{response.status_code}: {_reason(response)}")
+        raise ApiError(
+            f"{response.request.method} {response.request.url.path} -> "
+            f"{response.status_code}: {_reason(response)}"
+        )
     return response.json()  # type: ignore[no-any-return]
 
 

@@ -17,8 +17,9 @@ from cli.render_views import WorkerGone, follow_batch, memory_table
 from cli.stack import Stack, StackError, worker_command
 from jobs.settings import Settings, get_settings
 
-app = typer.Typer(help="A render queue for text-to-image models that works within a VRAM budget.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="A render queue for text-to-image models that works within a VRAM budget.", no_args_is_help=True
+)
 console = Console()
 
 Model = Annotated[str | None, typer.Option(help="Model to render with (default: the worker's)")]
@@ -43,7 +44,9 @@ def up(model: Model = None) -> None:
     except StackError as error:
         stack.stop()
         _fail(str(error))
-    console.print(f"nightrender is up at {stack.settings.resolved_api_url()} (docs at /docs). Ctrl-C stops it.")
+    console.print(
+        f"nightrender is up at {stack.settings.resolved_api_url()} (docs at /docs). Ctrl-C stops it."
+    )
     try:
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(1)
@@ -57,8 +60,20 @@ def up(model: Model = None) -> None:
 def api() -> None:
     """Run only the HTTP API (uvicorn), in the foreground."""
     settings = _settings()
-    os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-                              "--host", settings.api_host, "--port", str(settings.api_port)])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.app:create_app",
+            "--factory",
+            "--host",
+            settings.api_host,
+            "--port",
+            str(settings.api_port),
+        ],
+    )
 
 
 @app.command()
@@ -88,8 +103,15 @@ def migrate(revision: str = "head", downgrade: bool = False) -> None:
     console.print(f"schema at {'base' if downgrade and revision == 'head' else revision} on {url}")
 
 
-def _batch_fields(model: str | None, width: int, height: int, steps: int, seed: int | None,
-                  sizes: str | None, seeds: str | None) -> dict[str, str]:
+def _batch_fields(
+    model: str | None,
+    width: int,
+    height: int,
+    steps: int,
+    seed: int | None,
+    sizes: str | None,
+    seeds: str | None,
+) -> dict[str, str]:
     fields = {"width": str(width), "height": str(height), "steps": str(steps)}
     optional = {"model": model, "seed": None if seed is None else str(seed), "sizes": sizes, "seeds": seeds}
     fields.update({k: v for k, v in optional.items() if v is not None})
@@ -104,13 +126,17 @@ def submit(
     height: Size = 1024,
     steps: int = 9,
     seed: int | None = None,
-    sizes: Annotated[str | None, typer.Option(help="e.g. 512x512,768x512 (a matrix with the prompts)")] = None,
+    sizes: Annotated[
+        str | None, typer.Option(help="e.g. 512x512,768x512 (a matrix with the prompts)")
+    ] = None,
     seeds: Annotated[str | None, typer.Option(help="e.g. 1,2,3 (a matrix with the prompts)")] = None,
 ) -> None:
     """Submit a .txt, .csv or .jsonl prompt file as a batch; prints the batch id."""
     client = Client(_settings().resolved_api_url())
     try:
-        created = client.submit_file(prompts_file, _batch_fields(model, width, height, steps, seed, sizes, seeds))
+        created = client.submit_file(
+            prompts_file, _batch_fields(model, width, height, steps, seed, sizes, seeds)
+        )
     except ApiError as error:
         _fail(str(error))
     console.print(f"batch {created['id']}: {len(created['job_ids'])} jobs queued")
@@ -137,7 +163,9 @@ def _download(client: Client, batch_id: str, out: Path) -> Path:
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     target = out / batch_id
-    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), console=console) as bar:
+    with Progress(
+        *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), console=console
+    ) as bar:
         task = bar.add_task("downloading", total=None)
         try:
             manifest = client.download_archive(batch_id, target, lambda n: bar.advance(task, n))

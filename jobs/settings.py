@@ -18,10 +18,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
-    data_dir: Path = Field(Path(".nightrender"), description="Where the embedded database, Redis and outputs live")
+    data_dir: Path = Field(
+        Path(".nightrender"), description="Where the embedded database, Redis and outputs live"
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset means SQLite in DATA_DIR")
     redis_url: str | None = Field(None, description="Broker URL; unset means the embedded Redis")
-    outputs_dir: Path | None = Field(None, description="Where images are written; unset means DATA_DIR/outputs")
+    outputs_dir: Path | None = Field(
+        None, description="Where images are written; unset means DATA_DIR/outputs"
+    )
     model_cache_dir: Path = Field(Path(".nightrender/models"), description="Synthetic pipelines and HF cache")
     queue_name: str = Field("nightrender", description="Celery queue the API publishes to")
     default_model: str = DEFAULT_MODEL
@@ -29,7 +33,9 @@ class Settings(BaseSettings):
         f"{DEFAULT_MODEL},synthetic:tiny,synthetic:full",
         description="Comma-separated models a job may name; a local folder path may be added",
     )
-    worker_model: str | None = Field(None, description="Model the worker loads at start; unset = DEFAULT_MODEL")
+    worker_model: str | None = Field(
+        None, description="Model the worker loads at start; unset = DEFAULT_MODEL"
+    )
     worker_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     offload_mode: OffloadMode = "none"
     max_attempts: int = Field(3, ge=1)
@@ -37,7 +43,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2_000, ge=1)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_url: str | None = Field(None, description="Where the CLI finds the API; unset = http://API_HOST:API_PORT")
+    api_url: str | None = Field(
+        None, description="Where the CLI finds the API; unset = http://API_HOST:API_PORT"
+    )
     embedded_redis_port: int = 6390
     reconcile_interval_s: float = Field(30.0, gt=0)
     republish_after_s: float = Field(60.0, ge=0)

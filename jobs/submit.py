@@ -80,7 +80,10 @@ def insert_job(
     idempotency_key: str | None = None,
 ) -> Submission:
     """Insert one job outside any batch in the caller's transaction."""
-    row = {**job_row(params, priority=priority, max_attempts=max_attempts), "idempotency_key": idempotency_key}
+    row = {
+        **job_row(params, priority=priority, max_attempts=max_attempts),
+        "idempotency_key": idempotency_key,
+    }
     session.execute(insert(Job), [row])
     return Submission(batch_id=None, job_ids=[row["id"]], created=True, priority=priority)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, func, or_, select, true
 from sqlalchemy.orm import Session
 
 from jobs.states import TERMINAL, JobStatus, batch_status
@@ -111,7 +111,7 @@ def _eta_seconds(session: Session, batch_id: str, remaining: int) -> float | Non
     if remaining <= 0:
         return 0.0
     per_image = JobStats.encode_s + JobStats.denoise_s + JobStats.decode_s + JobStats.save_s
-    for scope in (Job.batch_id == batch_id, True):
+    for scope in (Job.batch_id == batch_id, true()):
         mean = session.scalar(select(func.avg(per_image)).join(Job).where(scope))
         if mean is not None:
             return round(float(mean) * remaining, 1)

@@ -64,10 +64,9 @@ async def create_batch(
     body = parse_body(BatchCreate, await _batch_payload(request))
     model = resolve_model(body.model, settings)
     if body.job_count() > settings.max_batch_jobs:
-        raise invalid(
-            ["body", "prompts"],
-            f"this batch expands to {body.job_count()} jobs; the limit is {settings.max_batch_jobs} per request",
-        )
+        limit = settings.max_batch_jobs
+        message = f"this batch expands to {body.job_count()} jobs; the limit is {limit} per request"
+        raise invalid(["body", "prompts"], message)
     try:
         params = expand_batch(body, model)
     except ExpansionError as error:

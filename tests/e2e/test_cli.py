@@ -40,10 +40,29 @@ def test_run_renders_a_prompt_file_on_the_embedded_default(tmp_path: Path, model
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na red fox\n\na blue whale\na green frog\n")
     out = tmp_path / "renders"
-    command = [*CLI, "run", str(prompts), "--model", "synthetic:tiny", "--width", "64", "--height", "64",
-               "--steps", "2", "--out", str(out)]
-    done = subprocess.run(command, env=embedded_env(tmp_path, model_cache), capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    command = [
+        *CLI,
+        "run",
+        str(prompts),
+        "--model",
+        "synthetic:tiny",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        command,
+        env=embedded_env(tmp_path, model_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Memory by resolution" in done.stdout
     images = sorted(out.glob("*/*.png"))
@@ -55,8 +74,14 @@ def test_run_renders_a_prompt_file_on_the_embedded_default(tmp_path: Path, model
 def test_worker_refuses_a_real_model_without_cuda(tmp_path: Path, model_cache: Path) -> None:
     """With no CUDA device, the worker exits at once with a message instead of crawling."""
     env = {**embedded_env(tmp_path, model_cache), "WORKER_MODEL": "Tongyi-MAI/Z-Image-Turbo"}
-    done = subprocess.run([*CLI, "worker"], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [*CLI, "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 2
     assert "CUDA" in done.stdout + done.stderr
 
@@ -67,6 +92,12 @@ def test_submit_rejects_a_bad_size_with_the_reason(tmp_path: Path, model_cache: 
     prompts.write_text("a cat\n")
     env = embedded_env(tmp_path, model_cache)
     env["API_URL"] = f"http://127.0.0.1:{free_port()}"
-    done = subprocess.run([*CLI, "submit", str(prompts), "--width", "70"], env=env, capture_output=True,
-                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [*CLI, "submit", str(prompts), "--width", "70"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode != 0

@@ -234,10 +234,6 @@ def test_bad_size_is_reported_at_its_index() -> None:
     assert [e["loc"] for e in error.errors] == [["body", "sizes", 1, "width"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with 'sizes' given, a bad shared field is located under sizes[i] (_check_shared_fields)",
-)
 def test_bad_shared_steps_with_sizes_is_reported_at_body_steps() -> None:
     error = expansion_error(BatchCreate(prompts=["a"], sizes=["512x512"], steps=0))
     assert [e["loc"] for e in error.errors] == [["body", "steps"]]
@@ -339,3 +335,9 @@ def test_forbidden_transitions(current: JobStatus, target: JobStatus) -> None:
 @pytest.mark.parametrize("terminal", sorted(TERMINAL))
 def test_terminal_states_never_move(terminal: JobStatus) -> None:
     assert not any(can_transition(terminal, target) for target in JobStatus)
+
+
+def test_own_seed_with_seeds_is_refused() -> None:
+    """A prompt's own seed and a seeds matrix would render duplicates, so the pair is refused."""
+    with pytest.raises(ValidationError, match="cannot be combined with 'seeds'"):
+        BatchCreate(prompts=[{"prompt": "a", "seed": 5}], seeds=[1, 2])

@@ -81,10 +81,6 @@ def test_csv_fractional_int_is_rejected() -> None:
     assert "width must be a number" in error["msg"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: CSV line numbers count rows, not file lines (api.uploads._parse_csv; use reader.line_num)",
-)
 def test_csv_bad_number_after_blank_line_names_the_file_line() -> None:
     error = rejection("p.csv", b"prompt,seed\n\na dog,abc\n")
     assert error["loc"] == ["body", "file", "line 3", "seed"]

@@ -79,7 +79,9 @@ def timed(stats: RenderStats, phase: str, device: torch.device) -> Iterator[None
     setattr(stats, f"{phase}_s", time.perf_counter() - started)
 
 
-def render(loaded: LoadedPipeline, request: RenderRequest, on_step: StepCallback | None = None) -> RenderResult:
+def render(
+    loaded: LoadedPipeline, request: RenderRequest, on_step: StepCallback | None = None
+) -> RenderResult:
     """Render one image with a seeded CPU generator, so the same request gives the same image."""
     device = loaded.device
     reset_for_job(device)

@@ -84,7 +84,12 @@ SPECS: dict[str, SyntheticSpec] = {
             "vocab_size": 600,
             "max_position_embeddings": 1024,
         },
-        vae={**FLUX_VAE, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 32},
+        vae={
+            **FLUX_VAE,
+            "block_out_channels": [32, 32, 32, 32],
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+        },
     ),
     # Z-Image-Turbo's exact architecture: 6.155B transformer, Qwen3-4B encoder, Flux VAE.
     "full": SyntheticSpec(
@@ -182,8 +187,13 @@ def ensure_saved(model: str, cache_dir: Path, build_device: str = "cpu") -> Path
     with torch.device(build_device):
         pipeline = ZImagePipeline(**build_components(spec, dtype))
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
-    pipeline.save_pretrained(staging, safe_serialization=True)
-    (staging / COMPLETE_MARKER).write_text(model)
+    staging.chmod(0o755)  # mkdtemp makes it private; the API and worker may run as different users
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        (staging / COMPLETE_MARKER).write_text(model)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     del pipeline
     _publish_folder(staging, folder)
     return folder
