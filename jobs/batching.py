@@ -96,8 +96,11 @@ class BatchCreate(BaseModel):
     def _one_seed_form(self) -> BatchCreate:
         if self.seed is not None and self.seeds is not None:
             raise ValueError("give either 'seed' or 'seeds', not both")
-        if self.seeds and any(isinstance(p, PromptItem) and p.seed is not None for p in self.prompts):
+        items = [p for p in self.prompts if isinstance(p, PromptItem)]
+        if self.seeds and any(p.seed is not None for p in items):
             raise ValueError("a prompt with its own 'seed' cannot be combined with 'seeds'")
+        if self.sizes and any(p.width is not None or p.height is not None for p in items):
+            raise ValueError("a prompt with its own width or height cannot be combined with 'sizes'")
         return self
 
     def job_count(self) -> int:

@@ -32,6 +32,13 @@ def recover_stale_running(session: Session, *, stale_after_s: float) -> tuple[in
     """Running jobs whose heartbeat stopped go back to the queue, or fail once their attempts are spent."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     stale = (Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)
+    # A lost job whose cancel was requested is simply cancelled: requeueing it could never be claimed.
+    session.execute(
+        update(Job)
+        .where(*stale, Job.cancel_requested.is_(True))
+        .values(status=JobStatus.CANCELLED, lease_token=None, finished_at=utcnow(), error="cancelled")
+        .execution_options(synchronize_session=False)
+    )
     failed = session.execute(
         update(Job)
         .where(*stale, Job.attempts >= Job.max_attempts)

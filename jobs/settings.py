@@ -40,7 +40,6 @@ class Settings(BaseSettings):
     offload_mode: OffloadMode = "none"
     max_attempts: int = Field(3, ge=1)
     max_batch_jobs: int = Field(10_000, ge=1)
-    max_prompt_chars: int = Field(2_000, ge=1)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str | None = Field(
@@ -48,7 +47,6 @@ class Settings(BaseSettings):
     )
     embedded_redis_port: int = 6390
     reconcile_interval_s: float = Field(30.0, gt=0)
-    republish_after_s: float = Field(60.0, ge=0)
     heartbeat_stale_s: float = Field(120.0, gt=0)
 
     def resolved_database_url(self) -> str:

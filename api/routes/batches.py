@@ -103,7 +103,7 @@ async def _form_payload(request: Request) -> dict[str, Any]:
         raise invalid(["body", "file"], "a multipart batch needs a 'file' field with the prompts")
     payload: dict[str, Any] = {"prompts": parse_prompt_file(upload.filename or "", await upload.read())}
     for name, value in form.multi_items():
-        if name == "file" or not isinstance(value, str) or value == "":
+        if name in ("file", "prompts") or not isinstance(value, str) or value == "":
             continue
         payload[name] = [part.strip() for part in value.split(",")] if name in LIST_FIELDS else value
     return payload

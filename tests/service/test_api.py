@@ -142,7 +142,7 @@ def test_csv_upload_stores_per_row_overrides(
 def test_jsonl_upload_mixes_strings_and_objects(
     api_client: TestClient, engine: Engine, publisher: Publisher
 ) -> None:
-    lines = ['"a plain prompt"', "", '{"prompt": "a fixed seed", "seed": 42, "width": 128, "steps": 4}']
+    lines = ['"a plain prompt"', "", '{"prompt": "a fixed seed", "seed": 42, "steps": 4}']
     response = api_client.post(
         "/v1/batches",
         files={"file": ("prompts.jsonl", "\n".join(lines).encode(), "application/jsonl")},
@@ -154,8 +154,8 @@ def test_jsonl_upload_mixes_strings_and_objects(
     plain = [(r.width, r.height, r.steps) for r in rows if r.prompt == "a plain prompt"]
     fixed = [(r.seed, r.width, r.height, r.steps) for r in rows if r.prompt == "a fixed seed"]
     assert plain == [(64, 64, 2), (96, 64, 2)]
-    # The row's own width wins over each size; its height still comes from the size.
-    assert fixed == [(42, 128, 64, 4), (42, 128, 64, 4)]
+    # The row's own seed and steps win; each size of the matrix still applies.
+    assert fixed == [(42, 64, 64, 4), (42, 96, 64, 4)]
     assert publisher.queue_length() == 4
 
 

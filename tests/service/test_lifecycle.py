@@ -268,12 +268,8 @@ def test_recover_stale_running_requeues_or_fails(factory: sessionmaker[Session])
         assert recover_stale_running(session, stale_after_s=STALE_AFTER_S) == (0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG jobs/reconcile.py recover_stale_running: a stale running job whose cancel was requested is "
-    "requeued with cancel_requested still set, so claim_job never takes it and it stays queued forever",
-)
 def test_stale_job_with_cancel_requested_does_not_stay_queued_forever(factory: sessionmaker[Session]) -> None:
+    """A lost job whose cancel was requested ends cancelled instead of queued and unclaimable."""
     job_id = new_job(factory, max_attempts=3)
     with transaction(factory) as session:
         assert claim_job(session, job_id=job_id) is not None

@@ -341,3 +341,9 @@ def test_own_seed_with_seeds_is_refused() -> None:
     """A prompt's own seed and a seeds matrix would render duplicates, so the pair is refused."""
     with pytest.raises(ValidationError, match="cannot be combined with 'seeds'"):
         BatchCreate(prompts=[{"prompt": "a", "seed": 5}], seeds=[1, 2])
+
+
+def test_own_size_with_sizes_is_refused() -> None:
+    """A prompt's own width and a sizes matrix would render duplicates, so the pair is refused."""
+    with pytest.raises(ValidationError, match="cannot be combined with 'sizes'"):
+        BatchCreate(prompts=[{"prompt": "a", "width": 128}], sizes=["64x64", "96x64"])
