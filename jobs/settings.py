@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-OffloadMode = Literal["none", "model", "sequential", "group"]
+OffloadMode = Literal["auto", "stream", "none", "model", "sequential", "group"]
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 
 
@@ -37,7 +37,15 @@ class Settings(BaseSettings):
         None, description="Model the worker loads at start; unset = DEFAULT_MODEL"
     )
     worker_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    offload_mode: OffloadMode = "none"
+    offload_mode: OffloadMode = Field(
+        "auto", description="auto = the planner picks per job; else a fixed mode"
+    )
+    vram_budget_gb: str = Field("auto", description="GB for the allocator cap, or auto (free minus reserve)")
+    host_ram_budget_gb: str = Field("auto", description="GB of pinned host memory for streaming, or auto")
+    attention_backend: str = Field(
+        "native", description="diffusers attention backend: native (SDPA), xformers"
+    )
+    vae_slicing: bool = Field(False, description="decode a batch one image at a time")
     max_attempts: int = Field(3, ge=1)
     max_batch_jobs: int = Field(10_000, ge=1)
     api_host: str = "127.0.0.1"

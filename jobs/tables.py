@@ -113,6 +113,7 @@ class JobStats(Base):
     offload_mode: Mapped[str] = mapped_column(String(32))
     plan: Mapped[str | None] = mapped_column(Text)
     predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    vram_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
     load_s: Mapped[float] = mapped_column(Float, default=0.0)
     encode_s: Mapped[float] = mapped_column(Float, default=0.0)
     denoise_s: Mapped[float] = mapped_column(Float, default=0.0)

@@ -11,11 +11,12 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init
 
+from jobs.calibration import recent_plan_peaks
 from jobs.db import make_engine, make_session_factory
 from jobs.queue import RENDER_TASK, make_celery
 from jobs.settings import get_settings
 from worker.engine import EngineError
-from worker.runner import JobRunner, PipelineHolder
+from worker.runner import EngineHolder, JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +24,32 @@ settings = get_settings()
 app: Celery = make_celery(settings, name="nightrender-worker")
 app.conf.worker_hijack_root_logger = False
 
+_factory = None
 _runner: JobRunner | None = None
-_holder = PipelineHolder(settings)
+
+
+def session_factory() -> Any:
+    """The process's database sessions, built on first use (an engine never crosses a fork)."""
+    global _factory
+    if _factory is None:
+        _factory = make_session_factory(make_engine(settings.resolved_database_url()))
+    return _factory
+
+
+def past_peaks(model: str, device: str) -> list[Any]:
+    """Recorded plans and peaks, for calibrating the planner's activation estimates."""
+    with session_factory()() as session:
+        return recent_plan_peaks(session, model=model, device_name=device)
+
+
+_holder = EngineHolder(settings, history=past_peaks)
 
 
 def runner() -> JobRunner:
-    """The process's job runner, built on first use (the database engine never crosses a fork)."""
+    """The process's job runner."""
     global _runner
     if _runner is None:
-        factory = make_session_factory(make_engine(settings.resolved_database_url()))
-        _runner = JobRunner(settings, factory, _holder)
+        _runner = JobRunner(settings, session_factory(), _holder)
     return _runner
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,35 +23,67 @@ from jobs.lifecycle import (
 )
 from jobs.params import GenerationParams
 from jobs.settings import Settings
-from worker.engine import EngineError, LoadedPipeline, RenderCancelled, RenderRequest, RenderStats, render
-from worker.engine.loading import load_pipeline
+from worker.engine import EngineError, LoadedPipeline, RenderCancelled, RenderRequest, RenderStats
+from worker.engine.budget import apply_device_cap, resolve_budget
+from worker.engine.calibration import DEFAULT_ACTIVATIONS
+from worker.engine.engine import Engine, LadderExhausted, release_memory
+from worker.engine.loading import configure_attention, load_pipeline, pick_device
+from worker.engine.memory import device_name
+from worker.engine.plan import ActivationModel, Budget, calibrated_scale, with_scale
 from worker.outputs import image_path, png_metadata, save_png_atomically
 
 log = logging.getLogger(__name__)
 
 
-class PipelineHolder:
-    """Keeps one pipeline loaded across jobs; loads another only when a job names another model or dtype."""
+class EngineHolder:
+    """Keeps one engine loaded across jobs; loads another only when a job names another model or dtype.
 
-    def __init__(self, settings: Settings) -> None:
+    The VRAM budget becomes the allocator cap once, before the first weights load, so `auto` measures
+    the card's free memory as the user left it.
+    """
+
+    def __init__(self, settings: Settings, history: Callable[[str, str], list[Any]] | None = None) -> None:
         self._settings = settings
-        self.loaded: LoadedPipeline | None = None
+        self._history = history
+        self.engine: Engine | None = None
         self.loads = 0
+        self.budget: Budget | None = None
 
-    def get(self, model: str, dtype: str) -> tuple[LoadedPipeline, float]:
-        """The pipeline for (model, dtype) and the seconds spent loading it for this call (0 if reused)."""
-        if self.loaded and (self.loaded.model, self.loaded.dtype) == (model, dtype):
-            return self.loaded, 0.0
-        self.loaded = None  # drop the old pipeline before loading the new one, to free its memory
-        self.loaded = load_pipeline(
-            model,
-            dtype=dtype,
-            offload_mode=self._settings.offload_mode,
-            cache_dir=self._settings.model_cache_dir,
+    def get(self, model: str, dtype: str) -> tuple[Engine, float]:
+        """The engine for (model, dtype) and the seconds spent loading it for this call (0 if reused)."""
+        if self.engine and (self.engine.loaded.model, self.engine.loaded.dtype) == (model, dtype):
+            return self.engine, 0.0
+        self.engine = None  # drop the old pipeline before loading the new one, to free its memory
+        release_memory(pick_device())
+        device = pick_device()
+        if self.budget is None:
+            self.budget = resolve_budget(
+                self._settings.vram_budget_gb, self._settings.host_ram_budget_gb, device
+            )
+            apply_device_cap(self.budget, device)
+        loaded = self._load(model, dtype, device)
+        self.engine = Engine(
+            loaded,
+            mode=self._settings.offload_mode,
+            budget=self.budget,
+            activations=self._activations(model, device),
+            reload=lambda: self._load(model, dtype, device),
         )
         self.loads += 1
-        log.info("loaded %s (%s) in %.1fs [load #%d]", model, dtype, self.loaded.load_seconds, self.loads)
-        return self.loaded, self.loaded.load_seconds
+        log.info("loaded %s (%s) in %.1fs [load #%d]", model, dtype, loaded.load_seconds, self.loads)
+        return self.engine, loaded.load_seconds
+
+    def _load(self, model: str, dtype: str, device: Any) -> LoadedPipeline:
+        loaded = load_pipeline(model, dtype=dtype, cache_dir=self._settings.model_cache_dir, device=device)
+        configure_attention(loaded, self._settings.attention_backend, vae_slicing=self._settings.vae_slicing)
+        return loaded
+
+    def _activations(self, model: str, device: Any) -> ActivationModel:
+        records = self._history(model, device_name(device)) if self._history else []
+        scale = calibrated_scale(records)
+        if records:
+            log.info("activation estimates scaled by %.3f from %d recorded jobs", scale, len(records))
+        return with_scale(DEFAULT_ACTIVATIONS, scale)
 
 
 def to_request(params: GenerationParams) -> RenderRequest:
@@ -77,7 +111,7 @@ def stats_columns(stats: RenderStats | None) -> dict[str, Any] | None:
 class JobRunner:
     """Claims, renders and records jobs for one worker process."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session], holder: PipelineHolder) -> None:
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], holder: EngineHolder) -> None:
         self._settings = settings
         self._factory = factory
         self._holder = holder
@@ -95,19 +129,34 @@ class JobRunner:
     def _render_claimed(self, claim: Claim) -> str:
         stats: RenderStats | None = None
         try:
-            loaded, load_s = self._holder.get(claim.params.model, claim.params.dtype)
-            result = render(loaded, to_request(claim.params), on_step=self._step_writer(claim))
+            result, load_s = self._render(claim)
             stats = result.stats
             stats.load_s = load_s
             return self._store_success(claim, result.image, stats)
         except RenderCancelled:
             return self._store(cancel_running_job, claim, stats=stats_columns(stats)) or "cancelled"
+        except LadderExhausted as error:
+            stats = exhausted_stats(error)
+            return self._store(fail_job, claim, error=str(error), stats=stats_columns(stats)) or "failed"
         except EngineError as error:
             return self._store(fail_job, claim, error=str(error), stats=None) or "failed"
         except Exception as error:
             log.exception("job %s failed", claim.job_id)
             message = f"{type(error).__name__}: {error}"
             return self._store(fail_job, claim, error=message, stats=stats_columns(stats)) or "failed"
+
+    def _render(self, claim: Claim) -> tuple[Any, float]:
+        """Render on the job's dtype; fp16 output that is NaN or black is rendered again in bf16."""
+        engine, load_s = self._holder.get(claim.params.model, claim.params.dtype)
+        request = to_request(claim.params)
+        result = engine.render(request, on_step=self._step_writer(claim))
+        if result.output_bad and claim.params.dtype == "fp16":
+            log.warning("job %s: fp16 output was NaN or black; rendering again in bf16", claim.job_id)
+            engine, reload_s = self._holder.get(claim.params.model, "bf16")
+            result = engine.render(request, on_step=self._step_writer(claim))
+            load_s += reload_s
+            result.stats.plan = note_retry(result.stats.plan, "fp16 output NaN or black; retried in bf16")
+        return result, load_s
 
     def _step_writer(self, claim: Claim) -> Any:
         def write_step(step: int, _total: int) -> bool:
@@ -135,3 +184,20 @@ class JobRunner:
         with transaction(self._factory) as session:
             stored = write(session, job_id=claim.job_id, lease_token=claim.lease_token, **values)
         return None if stored else "lease lost"
+
+
+def exhausted_stats(error: LadderExhausted) -> RenderStats:
+    """Stats for a job that ran out of memory on every rung: which rungs were tried, and how."""
+    device = pick_device()
+    return RenderStats(
+        offload_mode="exhausted",
+        device_name=device_name(device),
+        plan=json.dumps({"rung": "exhausted", "attempts": error.attempts}),
+    )
+
+
+def note_retry(plan: str | None, note: str) -> str:
+    """Add a retry note to a stored plan."""
+    record = json.loads(plan) if plan else {}
+    record["retry"] = note
+    return json.dumps(record)

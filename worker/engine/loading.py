@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from diffusers import ZImagePipeline
 
-from worker.engine.offload import apply_offload
 from worker.engine.synthetic import ensure_saved, is_synthetic
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -28,7 +27,6 @@ class LoadedPipeline:
     model: str
     dtype: str
     device: torch.device
-    offload_mode: str
     load_seconds: float
 
 
@@ -55,9 +53,9 @@ def model_source(model: str, cache_dir: Path) -> str:
 
 
 def load_pipeline(
-    model: str, *, dtype: str, offload_mode: str, cache_dir: Path, device: torch.device | None = None
+    model: str, *, dtype: str, cache_dir: Path, device: torch.device | None = None
 ) -> LoadedPipeline:
-    """Load `model` once through `ZImagePipeline.from_pretrained` and place it for `offload_mode`."""
+    """Load `model` into host memory through `ZImagePipeline.from_pretrained`; the Engine places it."""
     device = device or pick_device()
     check_device_for(model, device)
     if dtype not in DTYPES:
@@ -66,12 +64,17 @@ def load_pipeline(
     source = model_source(model, cache_dir)
     pipeline = ZImagePipeline.from_pretrained(source, torch_dtype=DTYPES[dtype], cache_dir=cache_dir / "hub")
     pipeline.set_progress_bar_config(disable=True)
-    mode = apply_offload(pipeline, offload_mode, device)
     return LoadedPipeline(
-        pipeline=pipeline,
-        model=model,
-        dtype=dtype,
-        device=device,
-        offload_mode=mode,
-        load_seconds=time.perf_counter() - started,
+        pipeline=pipeline, model=model, dtype=dtype, device=device, load_seconds=time.perf_counter() - started
     )
+
+
+def configure_attention(loaded: LoadedPipeline, backend: str, *, vae_slicing: bool) -> None:
+    """The VRAM-guide knobs that are not placement: the attention kernel and VAE slicing."""
+    if backend != "native":
+        try:
+            loaded.pipeline.transformer.set_attention_backend(backend)
+        except Exception as error:  # e.g. xformers not installed: say so, not crash mid-batch
+            raise EngineError(f"attention backend {backend!r} is not available: {error}") from None
+    if vae_slicing:
+        loaded.pipeline.vae.enable_slicing()

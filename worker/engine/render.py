@@ -53,6 +53,7 @@ class RenderStats:
     host_rss_bytes: int | None = None
     plan: str | None = None
     predicted_peak_bytes: int | None = None
+    vram_budget_bytes: int | None = None
     load_s: float = 0.0
     encode_s: float = 0.0
     denoise_s: float = 0.0
@@ -67,6 +68,8 @@ class RenderResult:
 
     image: Image.Image
     stats: RenderStats
+    # NaN latents or an all-black image: what fp16 overflow produces.
+    output_bad: bool = False
 
 
 @contextmanager
@@ -79,23 +82,40 @@ def timed(stats: RenderStats, phase: str, device: torch.device) -> Iterator[None
     setattr(stats, f"{phase}_s", time.perf_counter() - started)
 
 
+Embeds = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+
 def render(
-    loaded: LoadedPipeline, request: RenderRequest, on_step: StepCallback | None = None
+    loaded: LoadedPipeline,
+    request: RenderRequest,
+    on_step: StepCallback | None = None,
+    *,
+    embeds: Embeds | None = None,
 ) -> RenderResult:
-    """Render one image with a seeded CPU generator, so the same request gives the same image."""
+    """Render one image with a seeded CPU generator, so the same request gives the same image.
+
+    `embeds` are prompt embeddings computed earlier for a group of jobs; without them this encodes.
+    """
     device = loaded.device
     reset_for_job(device)
-    stats = RenderStats(offload_mode=loaded.offload_mode, device_name=device_name(device))
+    stats = RenderStats(offload_mode="none", device_name=device_name(device))
     _record_start(stats, device)
     with torch.inference_mode():
         with timed(stats, "encode", device):
-            embeds, negative = _encode(loaded, request)
+            positive, negative = embeds if embeds is not None else _encode(loaded, request)
         with timed(stats, "denoise", device):
-            latents = _denoise(loaded, request, embeds, negative, on_step)
+            latents = _denoise(loaded, request, positive, negative, on_step)
+        bad = not bool(torch.isfinite(latents).all())
         with timed(stats, "decode", device):
             image = decode_latents(loaded, latents)
     _record_end(stats, device)
-    return RenderResult(image=image, stats=stats)
+    return RenderResult(image=image, stats=stats, output_bad=bad or is_black(image))
+
+
+def is_black(image: Image.Image) -> bool:
+    """Whether every pixel is (near) black, the other face of an fp16 overflow."""
+    _low, high = image.convert("L").getextrema()
+    return bool(high <= 2)  # type: ignore[operator]
 
 
 def _record_start(stats: RenderStats, device: torch.device) -> None:

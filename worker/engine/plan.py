@@ -1,0 +1,331 @@
+"""The planner: for one job, the fastest placement of the pipeline that fits the VRAM budget.
+
+It works from component sizes (bytes actually loaded), activation estimates per resolution (calibrated
+from recorded peaks) and the budget. It returns a ladder: the plan to try first, then the fallbacks the
+OOM ladder walks down. Pure arithmetic: no torch, so it is tested exhaustively on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+GB = 1024**3
+Rung = Literal["resident", "te_streamed", "stream", "stream_tiled", "sequential", "model", "group", "none"]
+PLANNED_RUNGS: tuple[Rung, ...] = ("resident", "te_streamed", "stream", "stream_tiled")
+DIFFUSERS_RUNGS: tuple[Rung, ...] = ("none", "model", "group", "sequential")
+# The caching allocator fragments; keep this share of the cap free so a plan that "fits" really does.
+FRAGMENTATION_HEADROOM = 0.06
+# Blocks prefetched ahead of the one computing (BlockStreamer.lookahead); encoding is copy-bound, so
+# the text encoder keeps more copies in flight than the compute-bound transformer needs.
+TRANSFORMER_LOOKAHEAD = 2
+TEXT_ENCODER_LOOKAHEAD = 3
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Weight bytes of each streamable unit, in execution order, plus what always stays resident."""
+
+    transformer_blocks: tuple[int, ...]
+    transformer_rest: int
+    text_encoder_blocks: tuple[int, ...]
+    text_encoder_rest: int
+    vae: int
+    # The token-embedding table: on the device with a resident encoder, else looked up on the host.
+    text_encoder_embedding: int = 0
+
+    @property
+    def transformer(self) -> int:
+        """All transformer weights."""
+        return sum(self.transformer_blocks) + self.transformer_rest
+
+    @property
+    def text_encoder(self) -> int:
+        """All text-encoder weights."""
+        return sum(self.text_encoder_blocks) + self.text_encoder_rest + self.text_encoder_embedding
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Bytes of activations per phase: base + per-pixel, fitted to measured peaks (see calibration.py)."""
+
+    encode_base: int
+    denoise_base: int
+    denoise_per_pixel: float
+    decode_base: int
+    decode_per_pixel: float
+    tile_pixels: int = 512 * 512
+    scale: float = 1.0
+
+    def encode(self) -> int:
+        """Text encoding at the pipeline's fixed 512-token length."""
+        return int(self.encode_base * self.scale)
+
+    def denoise(self, width: int, height: int) -> int:
+        """One transformer forward at this size."""
+        return int((self.denoise_base + self.denoise_per_pixel * width * height) * self.scale)
+
+    def decode(self, width: int, height: int, *, tiled: bool = False) -> int:
+        """One VAE decode at this size, or of one tile when tiled."""
+        pixels = min(width * height, self.tile_pixels) if tiled else width * height
+        return int((self.decode_base + self.decode_per_pixel * pixels) * self.scale)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a job may use: the allocator cap on the device and the pinned host memory."""
+
+    device_bytes: int
+    host_pinned_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every part of the pipeline lives for one job, and what that is predicted to cost."""
+
+    rung: Rung
+    transformer_resident: frozenset[int]
+    text_encoder_streamed: bool
+    vae_tiled: bool
+    predicted_peak_bytes: int
+    pinned_host_bytes: int
+    pin_host: bool = True
+    resident_weight_bytes: int = 0
+
+    def describe(self) -> str:
+        """One line for logs, stats and the profile table."""
+        total = self.transformer_blocks_total
+        resident = len(self.transformer_resident)
+        parts = [self.rung, f"transformer {resident}/{total} resident"]
+        parts.append("text encoder streamed" if self.text_encoder_streamed else "text encoder resident")
+        parts.append("vae tiled" if self.vae_tiled else "vae full")
+        if not self.pin_host:
+            parts.append("pageable host memory")
+        return ", ".join(parts)
+
+    transformer_blocks_total: int = 0
+
+    def record(self) -> dict[str, object]:
+        """What the job's stats keep of the plan (calibration reads resident_weight_bytes back)."""
+        return {
+            "rung": self.rung,
+            "description": self.describe(),
+            "transformer_resident": len(self.transformer_resident),
+            "transformer_blocks": self.transformer_blocks_total,
+            "text_encoder_streamed": self.text_encoder_streamed,
+            "vae_tiled": self.vae_tiled,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "resident_weight_bytes": self.resident_weight_bytes,
+            "pinned_host_bytes": self.pinned_host_bytes,
+        }
+
+
+def spread_resident(total: int, resident: int) -> frozenset[int]:
+    """Which blocks stay resident: streamed ones are spaced evenly, so each copy hides behind compute."""
+    streamed = total - resident
+    if streamed <= 0:
+        return frozenset(range(total))
+    picked = {min(total - 1, int((j + 0.5) * total / streamed)) for j in range(streamed)}
+    return frozenset(range(total)) - picked
+
+
+def usable(budget: Budget) -> int:
+    """The part of the cap a plan may fill."""
+    return int(budget.device_bytes * (1 - FRAGMENTATION_HEADROOM))
+
+
+def _peak(
+    sizes: ModelSizes,
+    acts: ActivationModel,
+    width: int,
+    height: int,
+    *,
+    resident_blocks: int,
+    te_streamed: bool,
+    vae_tiled: bool,
+) -> int:
+    """Predicted allocated peak: resident weights plus the largest phase's transient needs."""
+    weights, transient = _peak_parts(
+        sizes,
+        acts,
+        width,
+        height,
+        resident_blocks=resident_blocks,
+        te_streamed=te_streamed,
+        vae_tiled=vae_tiled,
+    )
+    return weights + transient
+
+
+def _peak_parts(
+    sizes: ModelSizes,
+    acts: ActivationModel,
+    width: int,
+    height: int,
+    *,
+    resident_blocks: int,
+    te_streamed: bool,
+    vae_tiled: bool,
+) -> tuple[int, int]:
+    """(resident weight bytes, transient bytes of the largest phase)."""
+    blocks = sizes.transformer_blocks
+    streamed_blocks = len(blocks) - resident_blocks
+    resident_weights = (
+        sizes.transformer_rest + sum(sorted(blocks, reverse=True)[:resident_blocks]) + sizes.vae
+    )
+    if te_streamed:
+        resident_weights += sizes.text_encoder_rest
+        encode = acts.encode() + stream_buffers(sizes.text_encoder_blocks, TEXT_ENCODER_LOOKAHEAD)
+    else:
+        resident_weights += sizes.text_encoder
+        encode = acts.encode()
+    buffers = stream_buffers(blocks, TRANSFORMER_LOOKAHEAD) if streamed_blocks else 0
+    denoise = acts.denoise(width, height) + buffers
+    decode = acts.decode(width, height, tiled=vae_tiled)
+    return resident_weights, max(encode, denoise, decode)
+
+
+def stream_buffers(blocks: tuple[int, ...], lookahead: int) -> int:
+    """Device bytes a streamer holds at once: the computing block plus `lookahead` copies in flight."""
+    return sum(sorted(blocks, reverse=True)[: lookahead + 1])
+
+
+def _pinned_bytes(sizes: ModelSizes, resident: frozenset[int], te_streamed: bool) -> int:
+    streamed = sum(b for i, b in enumerate(sizes.transformer_blocks) if i not in resident)
+    return streamed + (sum(sizes.text_encoder_blocks) if te_streamed else 0)
+
+
+def _stream_plan(
+    sizes: ModelSizes, acts: ActivationModel, budget: Budget, width: int, height: int, *, tiled: bool
+) -> Plan | None:
+    """The most resident transformer blocks that fit, with the text encoder streamed."""
+    total = len(sizes.transformer_blocks)
+    for resident in range(total, -1, -1):
+        peak = _peak(sizes, acts, width, height, resident_blocks=resident, te_streamed=True, vae_tiled=tiled)
+        if peak <= usable(budget):
+            chosen = spread_resident(total, resident)
+            rung: Rung = "stream_tiled" if tiled else "stream"
+            return _plan(rung, chosen, sizes, budget, peak, te_streamed=True, tiled=tiled)
+    return None
+
+
+def _plan(
+    rung: Rung,
+    resident: frozenset[int],
+    sizes: ModelSizes,
+    budget: Budget,
+    peak: int,
+    *,
+    te_streamed: bool,
+    tiled: bool,
+) -> Plan:
+    pinned = _pinned_bytes(sizes, resident, te_streamed)
+    weights, _ = _peak_parts(
+        sizes,
+        ActivationModel(0, 0, 0, 0, 0),
+        16,
+        16,
+        resident_blocks=len(resident),
+        te_streamed=te_streamed,
+        vae_tiled=tiled,
+    )
+    return Plan(
+        rung=rung,
+        resident_weight_bytes=weights,
+        transformer_resident=resident,
+        text_encoder_streamed=te_streamed,
+        vae_tiled=tiled,
+        predicted_peak_bytes=peak,
+        pinned_host_bytes=pinned,
+        pin_host=pinned <= budget.host_pinned_bytes,
+        transformer_blocks_total=len(sizes.transformer_blocks),
+    )
+
+
+def plan_ladder(
+    sizes: ModelSizes, acts: ActivationModel, budget: Budget, width: int, height: int
+) -> list[Plan]:
+    """Every rung that is predicted to fit, fastest first; sequential offload always ends the ladder."""
+    total = len(sizes.transformer_blocks)
+    everything = frozenset(range(total))
+    ladder: list[Plan] = []
+    for te_streamed in (False, True):
+        peak = _peak(
+            sizes, acts, width, height, resident_blocks=total, te_streamed=te_streamed, vae_tiled=False
+        )
+        if peak <= usable(budget):
+            rung: Rung = "te_streamed" if te_streamed else "resident"
+            ladder.append(_plan(rung, everything, sizes, budget, peak, te_streamed=te_streamed, tiled=False))
+    stream = _stream_plan(sizes, acts, budget, width, height, tiled=False)
+    tiled = _stream_plan(sizes, acts, budget, width, height, tiled=True)
+    ladder += [p for p in (stream, tiled) if p is not None and p.transformer_resident != everything]
+    if tiled is not None and tiled.transformer_resident:
+        # One rung with every block streamed: what to fall back on when activations were underestimated.
+        floor_peak = _peak(sizes, acts, width, height, resident_blocks=0, te_streamed=True, vae_tiled=True)
+        ladder.append(
+            _plan("stream_tiled", frozenset(), sizes, budget, floor_peak, te_streamed=True, tiled=True)
+        )
+    ladder.append(_sequential_plan(sizes, acts, width, height, total))
+    return ladder
+
+
+def _sequential_plan(sizes: ModelSizes, acts: ActivationModel, width: int, height: int, total: int) -> Plan:
+    # diffusers' sequential offload keeps one leaf module at a time on the device.
+    biggest = max([*sizes.transformer_blocks, *sizes.text_encoder_blocks, sizes.vae], default=0)
+    peak = biggest + acts.decode(width, height, tiled=True) + acts.denoise(width, height)
+    return Plan(
+        rung="sequential",
+        transformer_resident=frozenset(),
+        text_encoder_streamed=True,
+        vae_tiled=True,
+        predicted_peak_bytes=peak,
+        pinned_host_bytes=0,
+        pin_host=False,
+        transformer_blocks_total=total,
+    )
+
+
+def with_scale(acts: ActivationModel, scale: float) -> ActivationModel:
+    """The same model with activations scaled (calibration from measured peaks)."""
+    return replace(acts, scale=scale)
+
+
+def diffusers_plan(mode: Rung, sizes: ModelSizes, acts: ActivationModel, width: int, height: int) -> Plan:
+    """A plan for one of diffusers' own offload modes, as the worker's OFFLOAD_MODE asks."""
+    total = len(sizes.transformer_blocks)
+    if mode == "sequential":
+        return _sequential_plan(sizes, acts, width, height, total)
+    transient = max(acts.encode(), acts.denoise(width, height), acts.decode(width, height))
+    weights = {
+        "none": sizes.transformer + sizes.text_encoder + sizes.vae,
+        "model": max(sizes.transformer, sizes.text_encoder),
+        "group": sizes.transformer_rest
+        + sizes.text_encoder_rest
+        + sizes.vae
+        + stream_buffers(sizes.transformer_blocks, 1),
+    }[mode]
+    return Plan(
+        rung=mode,
+        transformer_resident=frozenset(range(total)) if mode == "none" else frozenset(),
+        text_encoder_streamed=mode != "none",
+        vae_tiled=False,
+        predicted_peak_bytes=weights + transient,
+        pinned_host_bytes=0,
+        pin_host=False,
+        resident_weight_bytes=weights,
+        transformer_blocks_total=total,
+    )
+
+
+def calibrated_scale(records: list[tuple[dict[str, object], int]]) -> float:
+    """How far measured transients ran over predicted ones: max ratio over past jobs, kept in [0.8, 2].
+
+    Each record is (the plan as stored with the job, its measured peak allocated bytes).
+    """
+    ratios = []
+    for plan, measured in records:
+        weights = int(plan.get("resident_weight_bytes", 0) or 0)  # type: ignore[call-overload]
+        predicted = int(plan.get("predicted_peak_bytes", 0) or 0)  # type: ignore[call-overload]
+        if predicted > weights and measured > weights:
+            ratios.append((measured - weights) / (predicted - weights))
+    return min(2.0, max(0.8, max(ratios))) if ratios else 1.0
