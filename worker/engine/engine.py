@@ -117,6 +117,16 @@ class Engine:
             self._planned.apply(plan)
         self.plan = plan
 
+    def set_budget(self, budget: Budget) -> None:
+        """Re-plan under a new budget from the next job on (the placement shrinks before it grows)."""
+        self.budget = budget
+        self.plan = None
+
+    def place_on_host(self) -> None:
+        """Put every weight back in host memory (before handing the pipeline to something else)."""
+        self._back_to_host()
+        self.plan = None
+
     def _place_diffusers(self, mode: str) -> None:
         if self._diffusers_mode == mode:
             return

@@ -45,10 +45,11 @@ def check_device_for(model: str, device: torch.device) -> None:
         )
 
 
-def model_source(model: str, cache_dir: Path) -> str:
+def model_source(model: str, cache_dir: Path, device: torch.device) -> str:
     """What to hand `from_pretrained`: a hub id, a local folder, or a synthetic model's saved folder."""
     if is_synthetic(model):
-        return str(ensure_saved(model, cache_dir))
+        # Initialising 10B random weights is minutes on a CPU and seconds on a GPU.
+        return str(ensure_saved(model, cache_dir, build_device=device.type))
     return model
 
 
@@ -61,7 +62,7 @@ def load_pipeline(
     if dtype not in DTYPES:
         raise EngineError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     started = time.perf_counter()
-    source = model_source(model, cache_dir)
+    source = model_source(model, cache_dir, device)
     pipeline = ZImagePipeline.from_pretrained(source, torch_dtype=DTYPES[dtype], cache_dir=cache_dir / "hub")
     pipeline.set_progress_bar_config(disable=True)
     return LoadedPipeline(
