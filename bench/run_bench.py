@@ -168,7 +168,53 @@ def calibrate(loaded: Any, rec: Recorder) -> ActivationModel:
             {"width": width, "height": height, "encode": encode, "denoise": denoise, "decode": decode}
         )
     rec.meta["calibration_points"] = points
+    rec.meta["speed"] = measure_speed(loaded)
     return fit_activations(points)
+
+
+def seconds_of(fn: Any) -> float:
+    """Wall seconds of a GPU call, synchronised."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def measure_speed(loaded: Any) -> dict[str, float]:
+    """The speed model's constants: compute per step, decode plain and tiled, host-to-device bandwidth."""
+    from worker.engine.placement import set_vae_tiling
+
+    pipe = loaded.pipeline
+    with torch.inference_mode():
+        positive, _ = pipe.encode_prompt(prompt=PROMPT, device=DEVICE, do_classifier_free_guidance=False)
+
+        def denoise(steps: int) -> Any:
+            return pipe(
+                prompt_embeds=positive,
+                width=SIZE,
+                height=SIZE,
+                num_inference_steps=steps,
+                guidance_scale=0.0,
+                output_type="latent",
+            ).images
+
+        latents = denoise(2)
+        step = (seconds_of(lambda: denoise(6)) - seconds_of(lambda: denoise(2))) / 4
+        plain = seconds_of(lambda: decode_latents(loaded, latents))
+        set_vae_tiling(pipe, True)
+        decode_latents(loaded, latents)
+        tiled = seconds_of(lambda: decode_latents(loaded, latents))
+        set_vae_tiling(pipe, False)
+    host = torch.empty(2 * GB, dtype=torch.uint8).pin_memory()
+    host.to(DEVICE)
+    copy = seconds_of(lambda: host.to(DEVICE, non_blocking=True))
+    return {
+        "step_seconds_1024": step,
+        "decode_seconds_1024": plain,
+        "tiled_decode_seconds_1024": tiled,
+        "pinned_gb_per_s": 2 / copy,
+    }
 
 
 def fit_activations(points: list[dict[str, int]]) -> ActivationModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,18 +12,30 @@ from PIL import Image
 
 from jobs.params import GenerationParams
 from jobs.settings import DEFAULT_MODEL
-from worker.engine import EngineError, LoadedPipeline, RenderCancelled, RenderRequest, RenderResult, render
+from worker.engine import (
+    Engine,
+    EngineError,
+    LoadedPipeline,
+    RenderCancelled,
+    RenderRequest,
+    RenderResult,
+    render,
+)
+from worker.engine.calibration import DEFAULT_ACTIVATIONS
 from worker.engine.loading import check_device_for, load_pipeline
 from worker.engine.offload import OFFLOAD_MODES, apply_offload
+from worker.engine.plan import Budget
 from worker.engine.synthetic import COMPLETE_MARKER, ensure_saved, parameter_counts
 from worker.outputs import image_path, png_metadata, save_png_atomically
 from worker.runner import to_request
 
 TINY = "synthetic:tiny"
 CPU = torch.device("cpu")
+HUGE = Budget(device_bytes=1 << 62, host_pinned_bytes=1 << 62)
 
 
 def make_params(**overrides: object) -> GenerationParams:
+    """Generation parameters for a 64x64, 2-step render of the tiny model, with overrides."""
     fields: dict[str, object] = {"prompt": "a cat on a red sofa", "width": 64, "height": 64, "steps": 2}
     return GenerationParams(**{**fields, "seed": 1, "model": TINY, **overrides})
 
@@ -30,7 +43,9 @@ def make_params(**overrides: object) -> GenerationParams:
 @pytest.fixture(scope="module")
 def loaded(model_cache: Path) -> LoadedPipeline:
     """The tiny pipeline, loaded once for the module."""
-    return load_pipeline(TINY, dtype="bf16", offload_mode="none", cache_dir=model_cache, device=CPU)
+    loaded = load_pipeline(TINY, dtype="bf16", cache_dir=model_cache, device=CPU)
+    loaded.pipeline.to(CPU)  # the loader leaves weights in host memory, which on the CPU is the device
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +69,7 @@ def base(loaded: LoadedPipeline, steps_seen: list[tuple[int, int]]) -> RenderRes
 
 
 def test_full_parameter_counts_match_z_image_turbo() -> None:
+    """synthetic:full has Z-Image-Turbo's exact parameter counts."""
     assert parameter_counts("synthetic:full") == {
         "transformer": 6_154_908_736,
         "text_encoder": 4_022_468_096,
@@ -62,11 +78,13 @@ def test_full_parameter_counts_match_z_image_turbo() -> None:
 
 
 def test_unknown_synthetic_model_is_refused() -> None:
+    """An unknown synthetic name is refused with the choices."""
     with pytest.raises(ValueError, match="unknown synthetic model"):
         parameter_counts("synthetic:huge")
 
 
 def test_ensure_saved_writes_a_complete_folder_once(tmp_path: Path) -> None:
+    """Saving builds one complete folder and leaves no staging folder."""
     folder = ensure_saved(TINY, tmp_path)
     assert folder == tmp_path / "synthetic-tiny"
     assert (folder / "model_index.json").is_file()
@@ -78,6 +96,7 @@ def test_ensure_saved_writes_a_complete_folder_once(tmp_path: Path) -> None:
 
 
 def test_ensure_saved_reuses_the_saved_folder(model_cache: Path) -> None:
+    """A saved folder is reused untouched."""
     folder = ensure_saved(TINY, model_cache)
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "model_index.json", folder / COMPLETE_MARKER)}
     assert ensure_saved(TINY, model_cache) == folder
@@ -91,41 +110,67 @@ def test_ensure_saved_reuses_the_saved_folder(model_cache: Path) -> None:
 
 
 def test_loaded_pipeline_describes_itself(loaded: LoadedPipeline) -> None:
-    assert (loaded.model, loaded.dtype, loaded.offload_mode) == (TINY, "bf16", "none")
+    """A loaded pipeline knows its model, dtype, device and load time, and no placement."""
+    assert (loaded.model, loaded.dtype) == (TINY, "bf16")
+    assert "offload_mode" not in {f.name for f in dataclasses.fields(LoadedPipeline)}
     assert loaded.device == CPU
     assert loaded.load_seconds > 0
     assert loaded.pipeline.transformer.dtype == torch.bfloat16
 
 
+def test_load_pipeline_leaves_weights_in_host_memory_without_hooks(model_cache: Path) -> None:
+    """Loading places nothing: every weight is on the host and no offload or streaming hook is attached."""
+    fresh = load_pipeline(TINY, dtype="fp32", cache_dir=model_cache, device=CPU)
+    pipeline = fresh.pipeline
+    for component in (pipeline.transformer, pipeline.text_encoder, pipeline.vae):
+        assert {p.device.type for p in component.parameters()} == {"cpu"}
+        for module in component.modules():
+            assert not module._forward_pre_hooks and not module._forward_hooks
+            assert not hasattr(module, "_hf_hook")
+    assert pipeline.transformer.dtype == torch.float32
+
+
+def test_engine_refuses_an_unknown_mode(loaded: LoadedPipeline) -> None:
+    """The Engine names the modes it knows when given another."""
+    with pytest.raises(EngineError, match="offload mode"):
+        Engine(loaded, mode="disk", budget=HUGE, activations=DEFAULT_ACTIVATIONS)
+
+
 @pytest.mark.parametrize("model", [DEFAULT_MODEL, "synthetic:full", "some/other-model"])
 def test_models_that_need_cuda_are_refused_on_the_cpu(model: str) -> None:
+    """Real models are refused on the CPU with a reason naming CUDA."""
     with pytest.raises(EngineError, match="CUDA"):
         check_device_for(model, CPU)
 
 
 def test_tiny_model_on_the_cpu_and_any_model_on_cuda_pass_the_check() -> None:
+    """The tiny model runs on the CPU; any model passes on CUDA."""
     assert check_device_for(TINY, CPU) is None
     assert check_device_for(DEFAULT_MODEL, torch.device("cuda", 0)) is None
 
 
 def test_load_pipeline_refuses_a_hub_model_on_the_cpu(tmp_path: Path) -> None:
+    """Loading a hub model on the CPU fails before downloading anything."""
     with pytest.raises(EngineError, match="CUDA"):
-        load_pipeline(DEFAULT_MODEL, dtype="bf16", offload_mode="none", cache_dir=tmp_path, device=CPU)
+        load_pipeline(DEFAULT_MODEL, dtype="bf16", cache_dir=tmp_path, device=CPU)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_load_pipeline_refuses_an_unknown_dtype(tmp_path: Path) -> None:
+    """An unknown dtype is an EngineError."""
     with pytest.raises(EngineError, match="dtype"):
-        load_pipeline(TINY, dtype="int8", offload_mode="none", cache_dir=tmp_path, device=CPU)
+        load_pipeline(TINY, dtype="int8", cache_dir=tmp_path, device=CPU)
 
 
 def test_apply_offload_rejects_an_unknown_mode(loaded: LoadedPipeline) -> None:
+    """apply_offload names its modes when given another."""
     with pytest.raises(ValueError, match="offload mode"):
         apply_offload(loaded.pipeline, "disk", CPU)
 
 
 @pytest.mark.parametrize("mode", OFFLOAD_MODES)
 def test_every_offload_mode_is_none_on_the_cpu(loaded: LoadedPipeline, mode: str) -> None:
+    """On the CPU every diffusers offload mode comes down to none."""
     assert apply_offload(loaded.pipeline, mode, CPU) == "none"
 
 
@@ -133,6 +178,7 @@ def test_every_offload_mode_is_none_on_the_cpu(loaded: LoadedPipeline, mode: str
 
 
 def test_render_gives_an_image_of_the_requested_size(base: RenderResult) -> None:
+    """A render is an RGB image of the requested size, not flat."""
     assert base.image.size == (64, 64)
     assert base.image.mode == "RGB"
     low, high = base.image.convert("L").getextrema()
@@ -140,8 +186,11 @@ def test_render_gives_an_image_of_the_requested_size(base: RenderResult) -> None
 
 
 def test_render_stats_on_the_cpu(base: RenderResult) -> None:
+    """The primitive render records phases and host memory; device fields stay empty on the CPU."""
     stats = base.stats
     assert (stats.device_name, stats.offload_mode) == ("cpu", "none")
+    assert (stats.plan, stats.predicted_peak_bytes, stats.vram_budget_bytes) == (None, None, None)
+    assert base.output_bad is False
     assert stats.peak_allocated_bytes is None
     assert stats.peak_reserved_bytes is None
     assert stats.device_total_bytes is None
@@ -151,21 +200,36 @@ def test_render_stats_on_the_cpu(base: RenderResult) -> None:
 
 
 def test_step_callback_sees_every_step(base: RenderResult, steps_seen: list[tuple[int, int]]) -> None:
+    """The step callback hears (step, total) after every step."""
     assert steps_seen == [(1, 2), (2, 2)]
 
 
 def test_same_request_and_seed_gives_identical_pixels(loaded: LoadedPipeline, base: RenderResult) -> None:
+    """Rendering is deterministic for a request and seed."""
     again = render(loaded, to_request(make_params()))
     assert again.image.tobytes() == base.image.tobytes()
 
 
+def test_precomputed_embeds_give_identical_pixels(loaded: LoadedPipeline, base: RenderResult) -> None:
+    """Embeddings encoded beforehand (embeds=) render the same image as encoding inline."""
+    with torch.inference_mode():
+        embeds = loaded.pipeline.encode_prompt(
+            prompt=["a cat on a red sofa"], device=CPU, do_classifier_free_guidance=False
+        )
+    result = render(loaded, to_request(make_params()), embeds=embeds)
+    assert result.image.tobytes() == base.image.tobytes()
+    assert result.stats.encode_s < base.stats.encode_s
+
+
 def test_different_seed_gives_different_pixels(loaded: LoadedPipeline, base: RenderResult) -> None:
+    """Another seed gives another image."""
     other = render(loaded, to_request(make_params(seed=2)))
     assert other.image.size == base.image.size
     assert other.image.tobytes() != base.image.tobytes()
 
 
 def test_non_square_size_is_width_by_height(loaded: LoadedPipeline) -> None:
+    """Width and height are not swapped."""
     result = render(
         loaded, RenderRequest(prompt="a cat", width=96, height=64, steps=1, guidance_scale=0.0, seed=3)
     )
@@ -173,6 +237,7 @@ def test_non_square_size_is_width_by_height(loaded: LoadedPipeline) -> None:
 
 
 def test_callback_returning_false_cancels_after_that_step(loaded: LoadedPipeline) -> None:
+    """A callback returning False stops the render after that step."""
     seen: list[tuple[int, int]] = []
 
     def stop_after_two(step: int, total: int) -> bool:
@@ -185,6 +250,7 @@ def test_callback_returning_false_cancels_after_that_step(loaded: LoadedPipeline
 
 
 def test_to_request_carries_every_render_field() -> None:
+    """to_request copies every field the engine uses."""
     params = make_params(negative_prompt="blurry", guidance_scale=1.5, seed=9, width=96)
     assert to_request(params) == RenderRequest(
         prompt="a cat on a red sofa",
@@ -201,6 +267,7 @@ def test_to_request_carries_every_render_field() -> None:
 
 
 def test_png_holds_the_parameters_as_text(base: RenderResult, tmp_path: Path) -> None:
+    """The PNG carries the job's parameters as text chunks."""
     params = make_params(negative_prompt="blurry")
     path = image_path(tmp_path, "job-1", "batch-1")
     save_png_atomically(base.image, path, png_metadata("job-1", params))
@@ -214,6 +281,7 @@ def test_png_holds_the_parameters_as_text(base: RenderResult, tmp_path: Path) ->
 
 
 def test_png_save_leaves_no_temporary_files(base: RenderResult, tmp_path: Path) -> None:
+    """Saving twice leaves only the final PNG."""
     path = image_path(tmp_path, "job-2", None)
     metadata = png_metadata("job-2", make_params())
     save_png_atomically(base.image, path, metadata)
@@ -223,6 +291,7 @@ def test_png_save_leaves_no_temporary_files(base: RenderResult, tmp_path: Path) 
 
 
 def test_failed_png_save_cleans_up(tmp_path: Path) -> None:
+    """A failed save leaves no temporary file."""
     path = tmp_path / "b" / "job-3.png"
     with pytest.raises(OSError):
         save_png_atomically(Image.new("CMYK", (8, 8)), path, png_metadata("job-3", make_params()))

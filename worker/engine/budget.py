@@ -11,6 +11,7 @@ from worker.engine.plan import GB, Budget
 AUTO_DEVICE_RESERVE = int(0.75 * GB)
 # What `auto` leaves to the OS and other programs when pinning host memory.
 AUTO_HOST_RESERVE = 4 * GB
+CAP_MARGIN = 64 * 1024**2
 
 
 def parse_gigabytes(value: str) -> float | None:
@@ -47,6 +48,7 @@ def apply_device_cap(budget: Budget, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
-    fraction = min(1.0, budget.device_bytes / total)
+    # Segments are mapped in 2 MiB pages; stay a little under so reserved never reads above the budget.
+    fraction = min(1.0, max(0, budget.device_bytes - CAP_MARGIN) / total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return fraction

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from worker.engine.calibration import DEFAULT_SPEED
 from worker.engine.loading import EngineError, LoadedPipeline
 from worker.engine.offload import apply_offload
 from worker.engine.placement import PlannedPlacement, measure_sizes
@@ -25,6 +26,7 @@ from worker.engine.plan import (
     ActivationModel,
     Budget,
     Plan,
+    SpeedModel,
     diffusers_plan,
     plan_ladder,
 )
@@ -72,6 +74,7 @@ class Engine:
         budget: Budget,
         activations: ActivationModel,
         reload: Callable[[], LoadedPipeline] | None = None,
+        speed: SpeedModel | None = None,
     ) -> None:
         if mode not in ENGINE_MODES:
             raise EngineError(f"offload mode must be one of {ENGINE_MODES}, got {mode!r}")
@@ -79,6 +82,7 @@ class Engine:
         self.mode = mode
         self.budget = budget
         self.activations = activations
+        self.speed = speed or DEFAULT_SPEED
         self.sizes = measure_sizes(loaded.pipeline)
         self._reload = reload
         self._planned: PlannedPlacement | None = None
@@ -100,13 +104,16 @@ class Engine:
                 else [diffusers_plan("sequential", self.sizes, self.activations, width, height)]
             )
             return [first, *rest]
-        ladder = plan_ladder(self.sizes, self.activations, self.budget, width, height)
+        ladder = plan_ladder(self.sizes, self.activations, self.budget, width, height, speed=self.speed)
         if self.mode == "stream":
             ladder = [p for p in ladder if p.rung != "resident"]
         return ladder
 
-    def place(self, plan: Plan) -> None:
-        """Put a plan into effect, moving as little as possible from the current one."""
+    def place(self, plan: Plan) -> bool:
+        """Put a plan into effect, moving as little as possible; returns whether anything changed."""
+        if plan == self.plan:
+            return False
+        release_memory(self.device)
         if plan.rung in DIFFUSERS_RUNGS:
             self._place_diffusers(plan.rung)
         else:
@@ -116,6 +123,7 @@ class Engine:
                 self._planned = PlannedPlacement(self.loaded.pipeline, self.device)
             self._planned.apply(plan)
         self.plan = plan
+        return True
 
     def set_budget(self, budget: Budget) -> None:
         """Re-plan under a new budget from the next job on (the placement shrinks before it grows)."""
@@ -175,8 +183,15 @@ class Engine:
         embeds: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
     ) -> RenderResult | str:
         try:
-            self.place(plan)
-            return render(self.loaded, request, on_step, embeds=embeds)
+            changed = self.place(plan)
+            return render(
+                self.loaded,
+                request,
+                on_step,
+                embeds=embeds,
+                release_cache=changed,
+                after_denoise=self._planned.drop_prefetched if self._planned else None,
+            )
         except torch.cuda.OutOfMemoryError as error:
             # Only the message leaves this block: the traceback would keep the failed step's tensors alive.
             return str(error).split("\n")[0][:300]
@@ -196,7 +211,7 @@ class Engine:
             self.place(self.ladder(width, height)[0])
         with torch.inference_mode():
             return self.loaded.pipeline.encode_prompt(  # type: ignore[no-any-return]
-                prompt=prompts,
+                prompt=list(prompts),  # diffusers rewrites the list in place with the chat template
                 device=self.device,
                 do_classifier_free_guidance=guidance_scale > 0,
                 negative_prompt=negative,

@@ -75,7 +75,7 @@ class PlannedPlacement:
         move_all_but(pipeline.text_encoder, [*e_blocks, embedding], device)
         pipeline.vae.to(device)
         self.transformer = BlockStreamer(t_blocks, device, lookahead=TRANSFORMER_LOOKAHEAD)
-        self.text_encoder = BlockStreamer(e_blocks, device, lookahead=TEXT_ENCODER_LOOKAHEAD)
+        self.text_encoder = BlockStreamer(e_blocks, device, lookahead=TEXT_ENCODER_LOOKAHEAD, wrap=False)
         self.embedding = HostEmbedding(embedding, device)
 
     def apply(self, plan: Plan) -> None:
@@ -94,6 +94,10 @@ class PlannedPlacement:
         if not plan.text_encoder_streamed:
             self.embedding.place(on_host=False)
         set_vae_tiling(self.pipeline, plan.vae_tiled)
+
+    def drop_prefetched(self) -> None:
+        """Free copies prefetched for a next pass that will not come before the decode."""
+        self.transformer.synchronize()
 
     def remove(self) -> None:
         """Take every hook off and bring all weights back to host memory."""

@@ -72,6 +72,34 @@ class ActivationModel:
 
 
 @dataclass(frozen=True)
+class SpeedModel:
+    """Seconds a plan costs: compute per step, copies that compute cannot hide, encode and decode.
+
+    Constants come from calibration on a real card (calibration.py); they only rank plans, so a
+    card twice as fast ranks them the same way.
+    """
+
+    step_seconds_per_pixel: float
+    step_seconds_base: float
+    pinned_bytes_per_s: float
+    pageable_bytes_per_s: float
+    decode_seconds_per_pixel: float
+    tiled_decode_factor: float
+
+    def seconds(self, plan: Plan, sizes: ModelSizes, width: int, height: int, steps: int) -> float:
+        """Predicted seconds for one image under `plan`."""
+        pixels = width * height
+        bandwidth = self.pinned_bytes_per_s if plan.pin_host else self.pageable_bytes_per_s
+        streamed = sum(
+            b for i, b in enumerate(sizes.transformer_blocks) if i not in plan.transformer_resident
+        )
+        step = max(self.step_seconds_base + self.step_seconds_per_pixel * pixels, streamed / bandwidth)
+        encode = sum(sizes.text_encoder_blocks) / bandwidth if plan.text_encoder_streamed else 0.0
+        decode = self.decode_seconds_per_pixel * pixels * (self.tiled_decode_factor if plan.vae_tiled else 1)
+        return steps * step + encode + decode
+
+
+@dataclass(frozen=True)
 class Budget:
     """What a job may use: the allocator cap on the device and the pinned host memory."""
 
@@ -242,10 +270,30 @@ def _plan(
     )
 
 
+def same_placement(a: Plan, b: Plan) -> bool:
+    """Whether two plans put every weight in the same place."""
+    return (a.transformer_resident, a.text_encoder_streamed, a.vae_tiled) == (
+        b.transformer_resident,
+        b.text_encoder_streamed,
+        b.vae_tiled,
+    )
+
+
 def plan_ladder(
-    sizes: ModelSizes, acts: ActivationModel, budget: Budget, width: int, height: int
+    sizes: ModelSizes,
+    acts: ActivationModel,
+    budget: Budget,
+    width: int,
+    height: int,
+    *,
+    speed: SpeedModel | None = None,
+    steps: int = 9,
 ) -> list[Plan]:
-    """Every rung that is predicted to fit, fastest first; sequential offload always ends the ladder."""
+    """Every rung that is predicted to fit, fastest first; sequential offload always ends the ladder.
+
+    Streaming with a full decode and streaming with a tiled decode are ranked by predicted seconds:
+    tiling is slower per decode but can keep enough blocks resident to save more in copies.
+    """
     total = len(sizes.transformer_blocks)
     everything = frozenset(range(total))
     ladder: list[Plan] = []
@@ -258,7 +306,12 @@ def plan_ladder(
             ladder.append(_plan(rung, everything, sizes, budget, peak, te_streamed=te_streamed, tiled=False))
     stream = _stream_plan(sizes, acts, budget, width, height, tiled=False)
     tiled = _stream_plan(sizes, acts, budget, width, height, tiled=True)
-    ladder += [p for p in (stream, tiled) if p is not None and p.transformer_resident != everything]
+    candidates = [
+        p for p in (stream, tiled) if p is not None and not any(same_placement(p, q) for q in ladder)
+    ]
+    if speed is not None:
+        candidates.sort(key=lambda p: speed.seconds(p, sizes, width, height, steps))
+    ladder += candidates
     if tiled is not None and tiled.transformer_resident:
         # One rung with every block streamed: what to fall back on when activations were underestimated.
         floor_peak = _peak(sizes, acts, width, height, resident_blocks=0, te_streamed=True, vae_tiled=True)

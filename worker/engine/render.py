@@ -91,13 +91,15 @@ def render(
     on_step: StepCallback | None = None,
     *,
     embeds: Embeds | None = None,
+    release_cache: bool = True,
+    after_denoise: Callable[[], None] | None = None,
 ) -> RenderResult:
     """Render one image with a seeded CPU generator, so the same request gives the same image.
 
     `embeds` are prompt embeddings computed earlier for a group of jobs; without them this encodes.
     """
     device = loaded.device
-    reset_for_job(device)
+    reset_for_job(device, release_cache=release_cache)
     stats = RenderStats(offload_mode="none", device_name=device_name(device))
     _record_start(stats, device)
     with torch.inference_mode():
@@ -105,6 +107,8 @@ def render(
             positive, negative = embeds if embeds is not None else _encode(loaded, request)
         with timed(stats, "denoise", device):
             latents = _denoise(loaded, request, positive, negative, on_step)
+        if after_denoise is not None:
+            after_denoise()
         bad = not bool(torch.isfinite(latents).all())
         with timed(stats, "decode", device):
             image = decode_latents(loaded, latents)

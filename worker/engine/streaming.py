@@ -42,9 +42,14 @@ class StreamedBlock:
 class BlockStreamer:
     """Hooks on an ordered list of blocks that keep a chosen set resident and stream the others."""
 
-    def __init__(self, blocks: Sequence[nn.Module], device: torch.device, *, lookahead: int = 2) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module], device: torch.device, *, lookahead: int = 2, wrap: bool = True
+    ) -> None:
         self.device = device
         self.lookahead = max(1, lookahead)
+        # Wrapping prefetches the next pass's first blocks: right for denoising steps, wrong for an
+        # encoder that runs once per job (the copies would sit through the whole denoise).
+        self.wrap = wrap
         # Blocks start where the loader left them (host memory); set_resident places them.
         self.blocks = [StreamedBlock(index=i, module=m) for i, m in enumerate(blocks)]
         for block in self.blocks:
@@ -62,15 +67,15 @@ class BlockStreamer:
     def set_resident(self, resident: set[int] | frozenset[int], *, pin: bool = True) -> None:
         """Make exactly these blocks resident and stream the rest, moving only blocks that change.
 
-        Resident blocks are moved first, so the memory they free on the host can be pinned next.
+        Blocks leave the device before others arrive, so a shrinking budget is never overrun.
         """
         self.synchronize()
         for block in self.blocks:
-            if block.index in resident and not block.resident:
-                self._make_resident(block)
-        for block in self.blocks:
             if block.index not in resident and (block.resident or block.pinned != (pin and self.pin)):
                 self._make_streamed(block, pin=pin and self.pin)
+        for block in self.blocks:
+            if block.index in resident and not block.resident:
+                self._make_resident(block)
         self.streamed_bytes_per_pass = sum(b.nbytes() for b in self.blocks if not b.resident)
 
     def _make_resident(self, block: StreamedBlock) -> None:
@@ -132,7 +137,9 @@ class BlockStreamer:
         streamed = [b for b in self.blocks if not b.resident]
         if not streamed:
             return
-        upcoming = [b for b in streamed if b.index > index] + [b for b in streamed if b.index <= index]
+        upcoming = [b for b in streamed if b.index > index]
+        if self.wrap:
+            upcoming += [b for b in streamed if b.index <= index]
         for block in upcoming[: self.lookahead]:
             self._prefetch(block)
 
