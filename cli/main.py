@@ -14,7 +14,6 @@ from rich.console import Console
 
 from cli.client import ApiError, Client
 from cli.render_views import WorkerGone, follow_batch, memory_table
-from cli.stack import Stack, StackError, worker_command
 from jobs.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -38,6 +37,8 @@ def _fail(message: str) -> None:
 @app.command()
 def up(model: Model = None) -> None:
     """Start the embedded default: SQLite, an embedded Redis, the migrations, the API and one worker."""
+    from cli.stack import Stack, StackError
+
     stack = Stack(_settings(), extra_env={"WORKER_MODEL": model} if model else None)
     try:
         stack.start()
@@ -79,6 +80,7 @@ def api() -> None:
 @app.command()
 def worker() -> None:
     """Run one Celery worker for this machine's GPU, in the foreground."""
+    from cli.stack import worker_command
     from worker.engine.loading import EngineError, check_device_for, pick_device
 
     settings = _settings()
@@ -191,6 +193,8 @@ def run(
     seeds: Annotated[str | None, typer.Option(help="e.g. 1,2,3")] = None,
 ) -> None:
     """The main job: start (or attach to) the stack, submit, show progress, download, print memory."""
+    from cli.stack import Stack, StackError
+
     if not prompts_file.is_file():
         _fail(f"no prompts file at {prompts_file}")
     settings = _settings()
@@ -218,6 +222,56 @@ def run(
     finally:
         if stack is not None:
             stack.stop()
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        width, _, height = part.strip().lower().partition("x")
+        if not width.isdigit() or (height and not height.isdigit()):
+            _fail(f"sizes must look like 512,768 or 1024x768, got {part!r}")
+        sizes.append((int(width), int(height or width)))
+    return sizes
+
+
+@app.command()
+def profile(
+    budget: Annotated[str, typer.Option(help="GB for the allocator cap, or auto")] = "auto",
+    sizes: Annotated[str, typer.Option(help="e.g. 512,768,1024 or 1024x768")] = "512,768,1024",
+    modes: Annotated[str, typer.Option(help="auto,stream,none,model,sequential,group")] = "auto,sequential",
+    model: Model = None,
+    steps: int = 9,
+    images: int = 2,
+    out: Path = Path("profile"),
+) -> None:
+    """Measure peak VRAM and seconds per image per size and mode; prints a table and writes a PNG chart."""
+    from cli.profile_view import profile_chart, profile_table
+    from worker.engine.loading import EngineError
+    from worker.engine.profile import profile as run_profile
+
+    settings = _settings()
+    rows: list[dict] = []
+    try:
+        measured = run_profile(
+            model or settings.resolved_worker_model(),
+            budget_gb=budget,
+            sizes=_sizes(sizes),
+            modes=[m.strip() for m in modes.split(",") if m.strip()],
+            cache_dir=settings.model_cache_dir,
+            steps=steps,
+            images=images,
+            on_row=lambda row: console.print(
+                f"  {row.mode} {row.width}x{row.height}: {row.plan or row.error}"
+            ),
+        )
+    except (EngineError, ValueError) as error:
+        _fail(str(error))
+    rows = [row.as_dict() for row in measured]
+    console.print(profile_table(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(rows, indent=2))
+    chart = profile_chart(rows, out / "profile.png", rows[0]["budget_bytes"] if rows else None)
+    console.print(f"chart: {chart.resolve()}  data: {(out / 'profile.json').resolve()}")
 
 
 if __name__ == "__main__":

@@ -127,9 +127,14 @@ class Plan:
         parts = [self.rung, f"transformer {resident}/{total} resident"]
         parts.append("text encoder streamed" if self.text_encoder_streamed else "text encoder resident")
         parts.append("vae tiled" if self.vae_tiled else "vae full")
-        if not self.pin_host:
+        if not self.pin_host and self.rung in PLANNED_RUNGS:
             parts.append("pageable host memory")
         return ", ".join(parts)
+
+    def short(self) -> str:
+        """A few characters for tables: rung, resident blocks, tiled decode."""
+        tiled = " tiled" if self.vae_tiled and self.rung in PLANNED_RUNGS else ""
+        return f"{self.rung} {len(self.transformer_resident)}/{self.transformer_blocks_total}{tiled}"
 
     transformer_blocks_total: int = 0
 
