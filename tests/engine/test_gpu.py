@@ -1,4 +1,4 @@
-"""CUDA-only checks of streaming, the allocator cap and a real out-of-memory ladder (skipped without a GPU)."""
+"""CUDA-only checks of streaming, the allocator cap and a real OOM ladder (skipped without a GPU)."""
 
 from __future__ import annotations
 
