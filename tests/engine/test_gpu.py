@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,8 +27,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_engine(cache: Path, budget: Budget, activations: ActivationModel = DEFAULT_ACTIVATIONS) -> Engine:
     """The tiny synthetic pipeline on the GPU under a budget."""
-    loaded = load_pipeline("synthetic:tiny", dtype="bf16", cache_dir=cache, device=CUDA)
-    return Engine(loaded, mode="auto", budget=budget, activations=activations)
+
+    def load() -> Any:
+        return load_pipeline("synthetic:tiny", dtype="bf16", cache_dir=cache, device=CUDA)
+
+    return Engine(load(), mode="auto", budget=budget, activations=activations, reload=load)
 
 
 def test_streaming_on_cuda_gives_the_same_pixels(cache: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +19,7 @@ from worker.engine.plan import (
     calibrated_scale,
     diffusers_plan,
     plan_ladder,
+    same_placement,
     spread_resident,
     stream_buffers,
     usable,
@@ -38,7 +40,10 @@ ZIMAGE = ModelSizes(
     text_encoder_embedding=int(0.78 * GB),
     vae=int(0.17 * GB),
 )
-SPEED_ORDER = ("resident", "te_streamed", "stream", "stream_tiled", "sequential")
+# The rungs that come first in a fixed order; the streaming rungs are then ranked by predicted seconds.
+HEAD_ORDER = ("resident", "te_streamed")
+STREAMING = ("stream", "stream_tiled")
+STEPS = 9
 HOST = 64 * GB
 SQUARE = [(1024, 1024), (1536, 1536), (2048, 2048)]
 SIZES = [(512, 512), (768, 768), (1024, 1024), (1280, 720), (1280, 1280), (1536, 1536), (2048, 2048)]
@@ -52,7 +57,12 @@ def budget(gigabytes: float, host: int = HOST) -> Budget:
 
 def ladder(gigabytes: float, width: int = 1024, height: int = 1024, host: int = HOST) -> list[Plan]:
     """The Z-Image ladder at this budget and size."""
-    return plan_ladder(ZIMAGE, ACTS, budget(gigabytes, host), width, height, speed=DEFAULT_SPEED)
+    return plan_ladder(ZIMAGE, ACTS, budget(gigabytes, host), width, height, speed=DEFAULT_SPEED, steps=STEPS)
+
+
+def seconds(plan: Plan, width: int = 1024, height: int = 1024) -> float:
+    """The speed model's predicted seconds for one image under `plan`."""
+    return DEFAULT_SPEED.seconds(plan, ZIMAGE, width, height, STEPS)
 
 
 def expected_peak(width: int, height: int, *, resident: int, te_streamed: bool, tiled: bool) -> int:
@@ -68,6 +78,36 @@ def expected_peak(width: int, height: int, *, resident: int, te_streamed: bool, 
 def fits(peak: int, gigabytes: float) -> bool:
     """Whether a predicted peak fits the usable part of a budget."""
     return peak <= usable(budget(gigabytes))
+
+
+def most_resident_streaming(gigabytes: float, width: int, height: int, *, tiled: bool) -> int | None:
+    """The most blocks a streaming placement (text encoder streamed) keeps resident and still fits."""
+    for resident in range(BLOCKS, -1, -1):
+        if fits(expected_peak(width, height, resident=resident, te_streamed=True, tiled=tiled), gigabytes):
+            return resident
+    return None
+
+
+def streaming_placement(
+    resident: int, *, tiled: bool, width: int = 1024, height: int = 1024, host: int = HOST
+) -> Plan:
+    """A streaming plan built by hand (spread resident blocks, text encoder streamed) for the speed model."""
+    pinned = (BLOCKS - resident) * BLOCK + LAYERS * LAYER
+    return Plan(
+        rung="stream_tiled" if tiled else "stream",
+        transformer_resident=spread_resident(BLOCKS, resident),
+        text_encoder_streamed=True,
+        vae_tiled=tiled,
+        predicted_peak_bytes=expected_peak(width, height, resident=resident, te_streamed=True, tiled=tiled),
+        pinned_host_bytes=pinned,
+        pin_host=pinned <= host,
+        transformer_blocks_total=BLOCKS,
+    )
+
+
+def first_of(plans: list[Plan], rung: str) -> Plan:
+    """The first plan on this rung (for stream_tiled: the ranked candidate, not the all-streamed floor)."""
+    return next(p for p in plans if p.rung == rung)
 
 
 # the model and its sizes
@@ -133,22 +173,36 @@ def test_a_40gb_budget_keeps_everything_resident() -> None:
         (24, 1024, "te_streamed"),
         (24, 1536, "te_streamed"),
         (16, 1024, "te_streamed"),
+        # 1024x1024 steps take 0.143 s. At 12 GB a full decode keeps 23 blocks (11 streamed, 0.082 s of
+        # copies a step, hidden): 1.539 s; a tiled one keeps 26 but decodes 0.089 s slower: 1.628 s.
         (12, 1024, "stream"),
-        (8, 1024, "stream"),
-        (6, 1024, "stream"),
+        # At 8 GB a full decode keeps 13 blocks (21 streamed, 0.157 s a step, copy-bound): 1.664 s; a
+        # tiled one keeps 15 (19 streamed, 0.142 s, hidden): 1.628 s, so tiling wins.
+        (8, 1024, "stream_tiled"),
+        # At 6 GB: full decode 8 blocks (0.195 s a step), 2.001 s; tiled 10 blocks (0.180 s), 1.955 s.
+        (6, 1024, "stream_tiled"),
+        # 1536x1536 steps take 0.323 s, longer than copying all 34 blocks (0.255 s): the full decode with
+        # nothing resident (3.276 s) beats the tiled one that keeps 8 blocks (3.476 s).
+        (6, 1536, "stream"),
+        # A full 2048 decode needs 9.5 GB of activations: only tiling fits (6 blocks resident).
         (6, 2048, "stream_tiled"),
         (2, 1536, "sequential"),
     ],
 )
 def test_first_rung_at_known_budgets(gigabytes: float, width: int, expected: str) -> None:
-    """The first rung at budgets computed from the cost model by hand."""
+    """The first rung at budgets computed from the cost and speed models by hand."""
     assert ladder(gigabytes, width, width)[0].rung == expected
 
 
 @pytest.mark.parametrize(("width", "height"), [*SQUARE, (1280, 720)])
 @pytest.mark.parametrize("gigabytes", BUDGETS_GB)
 def test_first_plan_fits_and_no_faster_rung_would(gigabytes: float, width: int, height: int) -> None:
-    """The first plan is the fastest that fits: it fits, and every faster placement would not."""
+    """The first plan is the fastest that fits.
+
+    It fits; no all-resident rung ahead of it (resident, te_streamed) fits; and among the streaming
+    placements that fit (the most resident blocks with a full decode, and with a tiled one) it has the
+    lowest predicted seconds.
+    """
     first = ladder(gigabytes, width, height)[0]
     resident = len(first.transformer_resident)
 
@@ -160,25 +214,35 @@ def test_first_plan_fits_and_no_faster_rung_would(gigabytes: float, width: int, 
         assert fits(first.predicted_peak_bytes, gigabytes)
     if first.rung != "resident":
         assert not fits(peak(BLOCKS, False, False), gigabytes)
-    if first.rung in ("stream", "stream_tiled", "sequential"):
+    if first.rung != "resident" and first.rung != "te_streamed":
         assert not fits(peak(BLOCKS, True, False), gigabytes)
-    if first.rung == "stream":
-        assert not fits(peak(resident + 1, True, False), gigabytes)
-    if first.rung in ("stream_tiled", "sequential"):
-        assert not fits(peak(0, True, False), gigabytes)  # no plain decode fits, however much streams
-    if first.rung == "stream_tiled" and resident < BLOCKS:
-        assert not fits(peak(resident + 1, True, True), gigabytes)
+    candidates = {
+        tiled: streaming_placement(count, tiled=tiled, width=width, height=height)
+        for tiled in (False, True)
+        if (count := most_resident_streaming(gigabytes, width, height, tiled=tiled)) is not None
+    }
+    if first.rung in STREAMING:
+        tiled = first.rung == "stream_tiled"
+        assert first.vae_tiled == tiled and first.text_encoder_streamed
+        assert first.transformer_resident == candidates[tiled].transformer_resident
+        assert seconds(first, width, height) == min(seconds(p, width, height) for p in candidates.values())
     if first.rung == "sequential":
-        assert not fits(peak(0, True, True), gigabytes)
+        assert not candidates  # nothing streams into the budget, tiled or not
 
 
 def test_stream_keeps_fewer_blocks_resident_as_the_budget_shrinks() -> None:
-    """At 12, 8 and 6 GB the first rung streams, keeping strictly fewer blocks each time."""
-    firsts = [ladder(gigabytes)[0] for gigabytes in (12, 8, 6)]
-    assert [p.rung for p in firsts] == ["stream"] * 3
-    counts = [len(p.transformer_resident) for p in firsts]
-    assert BLOCKS > counts[0] > counts[1] > counts[2] > 0
-    assert all(p.text_encoder_streamed and not p.vae_tiled for p in firsts)
+    """At 12, 8 and 6 GB each streaming rung keeps strictly fewer blocks, and the first plan gets slower."""
+    ladders = [ladder(gigabytes) for gigabytes in (12, 8, 6)]
+    assert [plans[0].rung for plans in ladders] == ["stream", "stream_tiled", "stream_tiled"]
+    for rung, tiled in (("stream", False), ("stream_tiled", True)):
+        plans = [first_of(plans, rung) for plans in ladders]
+        counts = [len(p.transformer_resident) for p in plans]
+        # full decode: 23, 13, 8 blocks; tiled decode: 26, 15, 10
+        assert BLOCKS > counts[0] > counts[1] > counts[2] > 0, (rung, counts)
+        assert all(p.text_encoder_streamed and p.vae_tiled == tiled for p in plans)
+    # 1.539 s, 1.628 s, 1.955 s
+    times = [seconds(plans[0]) for plans in ladders]
+    assert times[0] < times[1] < times[2]
 
 
 def most_resident(plans: list[Plan], *, plain_decode: bool) -> int:
@@ -200,6 +264,8 @@ def test_resident_blocks_never_grow_as_the_budget_shrinks(width: int, height: in
     for larger, smaller in itertools.pairwise(ladders):
         if larger[0].rung == smaller[0].rung:
             assert len(smaller[0].transformer_resident) <= len(larger[0].transformer_resident)
+        # A smaller budget never gets a faster first plan.
+        assert seconds(smaller[0], width, height) >= seconds(larger[0], width, height)
 
 
 def test_tiled_decode_when_only_tiling_fits() -> None:
@@ -228,12 +294,65 @@ def test_every_ladder_ends_with_sequential_and_every_other_rung_fits(width: int,
 
 @pytest.mark.parametrize(("width", "height"), SIZES)
 def test_rungs_appear_in_speed_order(width: int, height: int) -> None:
-    """Rungs never get faster down the ladder, and every plan is one of the planner's rungs."""
+    """resident and te_streamed lead, then the streaming candidates by predicted seconds, then the
+    all-streamed floor, then sequential; predicted seconds never fall down the ladder."""
     for gigabytes in BUDGETS_GB:
-        rungs = [p.rung for p in ladder(gigabytes, width, height)]
-        order = [SPEED_ORDER.index(rung) for rung in rungs]
-        assert order == sorted(order), (gigabytes, rungs)
-        assert all(rungs.count(rung) == 1 for rung in set(rungs) - {"stream_tiled"}), rungs
+        plans = ladder(gigabytes, width, height)
+        rungs = [p.rung for p in plans]
+        head = [p for p in plans if p.rung in HEAD_ORDER]
+        assert plans[: len(head)] == head, (gigabytes, rungs)
+        assert [p.rung for p in head] == [rung for rung in HEAD_ORDER if rung in rungs], rungs
+        *rest, last = plans[len(head) :]
+        assert last.rung == "sequential", rungs
+        assert all(p.rung in STREAMING for p in rest), rungs
+        # A second stream_tiled rung is the floor: every block streamed, behind a tiled rung keeping some.
+        tiled = [p for p in rest if p.rung == "stream_tiled"]
+        has_floor = bool(tiled) and bool(tiled[0].transformer_resident)
+        if has_floor:
+            assert len(tiled) == 2 and rest[-1] is tiled[1], rungs
+            assert tiled[1].transformer_resident == frozenset() and tiled[1].text_encoder_streamed
+        else:
+            assert len(tiled) <= 1, rungs
+        candidates = rest[:-1] if has_floor else rest
+        assert len({p.rung for p in candidates}) == len(candidates), rungs
+        assert not any(same_placement(c, h) for c in candidates for h in head), rungs
+        times = [seconds(p, width, height) for p in candidates]
+        assert times == sorted(times), (gigabytes, rungs, times)
+        everything = [seconds(p, width, height) for p in plans]
+        assert everything == sorted(everything), (gigabytes, rungs, everything)
+
+
+def test_same_placement_compares_where_weights_live_only() -> None:
+    """Same resident blocks, encoder placement and decode: the same placement, whatever the rung or peak."""
+    plan = streaming_placement(20, tiled=False)
+    assert same_placement(plan, replace(plan, rung="te_streamed", predicted_peak_bytes=1, pin_host=False))
+    assert not same_placement(plan, replace(plan, vae_tiled=True))
+    assert not same_placement(plan, replace(plan, text_encoder_streamed=False))
+    assert not same_placement(plan, streaming_placement(21, tiled=False))
+
+
+def test_tiled_decode_leads_at_8gb_exactly_when_it_is_predicted_faster() -> None:
+    """At 8 GB and 1024x1024 the first rung is stream_tiled if and only if it beats the best full decode."""
+    full_count = most_resident_streaming(8, 1024, 1024, tiled=False)
+    tiled_count = most_resident_streaming(8, 1024, 1024, tiled=True)
+    assert (full_count, tiled_count) == (13, 15)
+    full = seconds(streaming_placement(13, tiled=False))
+    tiled = seconds(streaming_placement(15, tiled=True))
+    # full: 9 x 0.157 s (21 blocks copied, slower than the 0.143 s step) + 0.150 s encode + 0.099 s decode
+    # tiled: 9 x 0.143 s (19 blocks copied, hidden) + 0.150 s encode + 0.187 s decode
+    assert full == pytest.approx(1.6642, abs=1e-4)
+    assert tiled == pytest.approx(1.6281, abs=1e-4)
+    plans = ladder(8)
+    assert (plans[0].rung == "stream_tiled") == (tiled < full)
+    assert {p.rung for p in plans[:2]} == set(STREAMING)
+    assert seconds(plans[0]) == min(full, tiled) and seconds(plans[1]) == max(full, tiled)
+
+
+def test_without_a_speed_model_the_full_decode_streams_first() -> None:
+    """Without a speed model the planner keeps its fixed order: full decode before tiled."""
+    plans = plan_ladder(ZIMAGE, ACTS, budget(8), 1024, 1024)
+    assert [p.rung for p in plans] == ["stream", "stream_tiled", "stream_tiled", "sequential"]
+    assert [len(p.transformer_resident) for p in plans] == [13, 15, 0, 0]
 
 
 def test_a_roomy_ladder_falls_back_to_streaming_everything() -> None:
@@ -267,21 +386,34 @@ def test_larger_images_never_keep_more_blocks_resident() -> None:
     """At one budget, a larger image is offered no more resident blocks than a smaller one."""
     areas = sorted(SIZES, key=lambda size: size[0] * size[1])
     for gigabytes in BUDGETS_GB:
-        ladders = [ladder(gigabytes, w, h) for w, h in areas]
-        for small, large in itertools.combinations(ladders, 2):
+        ladders = [(ladder(gigabytes, w, h), (w, h)) for w, h in areas]
+        for (small, small_size), (large, large_size) in itertools.combinations(ladders, 2):
             for plain_decode in (False, True):
                 smaller_count = most_resident(small, plain_decode=plain_decode)
                 assert most_resident(large, plain_decode=plain_decode) <= smaller_count, gigabytes
             if small[0].rung == large[0].rung:
                 assert len(large[0].transformer_resident) <= len(small[0].transformer_resident), gigabytes
+            # A larger image never gets a faster first plan.
+            assert seconds(large[0], *large_size) >= seconds(small[0], *small_size), gigabytes
 
 
 def test_first_rung_keeps_no_more_blocks_for_a_larger_image_or_a_smaller_budget() -> None:
-    """The first rung's resident count shrinks with a larger image and with a smaller budget."""
-    small, large = ladder(6, 1536, 1536)[0], ladder(6, 2048, 2048)[0]
-    assert len(large.transformer_resident) <= len(small.transformer_resident)
+    """Like with like: the same rung keeps no more blocks for a larger image or a smaller budget, and the
+    first plan is never predicted faster."""
+    # At 6 GB, 1536x1536 leads with "stream" keeping 0 blocks (3.276 s, its 0.323 s steps hide every
+    # copy) ahead of "stream_tiled" keeping 8 (3.476 s); 2048x2048 only fits "stream_tiled", keeping 6
+    # (6.063 s). So the first rungs differ and the larger image's keeps more: compare the tiled rungs.
+    small, large = ladder(6, 1536, 1536), ladder(6, 2048, 2048)
+    assert [small[0].rung, large[0].rung] == ["stream", "stream_tiled"]
+    small_tiled, large_tiled = first_of(small, "stream_tiled"), first_of(large, "stream_tiled")
+    assert (len(small_tiled.transformer_resident), len(large_tiled.transformer_resident)) == (8, 6)
+    assert seconds(large[0], 2048, 2048) >= seconds(small[0], 1536, 1536)
+    # At 5 and 4.5 GB, 1536x1536 leads with "stream_tiled", keeping 6 and 5 blocks (3.476 s both:
+    # compute-bound either way).
     roomier, tighter = ladder(5, 1536, 1536)[0], ladder(4.5, 1536, 1536)[0]
-    assert len(tighter.transformer_resident) <= len(roomier.transformer_resident)
+    assert roomier.rung == tighter.rung == "stream_tiled"
+    assert len(tighter.transformer_resident) < len(roomier.transformer_resident)
+    assert seconds(tighter, 1536, 1536) >= seconds(roomier, 1536, 1536)
 
 
 def test_all_resident_with_tiled_decode_is_offered_when_it_fits() -> None:
@@ -298,15 +430,26 @@ def test_all_resident_with_tiled_decode_is_offered_when_it_fits() -> None:
 
 def test_pin_host_only_when_the_host_budget_holds_the_streamed_weights() -> None:
     """A plan pins host memory only if the streamed weights fit the pinned host budget."""
+    # 8 GB at 1024x1024 leads with stream_tiled keeping 15 blocks: it pins the other 19 blocks and all
+    # 36 encoder layers, 15_075_335_168 bytes, and is predicted at 1.628 s.
     roomy = ladder(8)[0]
-    assert roomy.rung == "stream" and roomy.pin_host
+    assert roomy.rung == "stream_tiled" and len(roomy.transformer_resident) == 15 and roomy.pin_host
+    assert roomy.pinned_host_bytes == 19 * BLOCK + LAYERS * LAYER == 15_075_335_168
+    # One byte short: the same placement, copied from pageable memory at 8 GB/s (0.918 s a step, 9.416 s);
+    # the full decode keeps fewer blocks and pages too (10.197 s), so the tiled rung still leads.
     tight = ladder(8, host=roomy.pinned_host_bytes - 1)[0]
+    assert tight.rung == "stream_tiled"
     assert tight.transformer_resident == roomy.transformer_resident
     assert tight.pinned_host_bytes == roomy.pinned_host_bytes
     assert not tight.pin_host
     assert "pageable host memory" in tight.describe()
-    exact = ladder(8, host=roomy.pinned_host_bytes)[0]
-    assert exact.pin_host
+    assert seconds(tight) == pytest.approx(9.4161, abs=1e-4) and seconds(roomy) == pytest.approx(
+        1.6281, abs=1e-4
+    )
+    # Exactly enough pins the tiled rung; the full decode streams 2 more blocks, so it still pages.
+    exact = ladder(8, host=roomy.pinned_host_bytes)
+    assert exact[0].pin_host
+    assert exact[1].rung == "stream" and not exact[1].pin_host
 
 
 def test_nothing_streamed_needs_no_pinned_memory() -> None:
@@ -459,19 +602,40 @@ def test_plan_record_keys_and_values() -> None:
         "resident_weight_bytes",
         "pinned_host_bytes",
     }
-    assert stored["rung"] == "stream"
+    # 8 GB at 1024x1024: stream_tiled keeping 15 blocks. Weights 6_098_853_550 bytes (5.68 GB: the
+    # transformer's rest, 15 blocks, the VAE, the encoder's rest), peak 7_766_744_967 (7.23 GB: the
+    # denoise phase, 0.47 GB of activations plus 3 blocks in flight, is the largest), pinned 15_075_335_168.
+    assert stored["rung"] == "stream_tiled"
     assert stored["description"] == plan.describe()
-    assert stored["transformer_resident"] == len(plan.transformer_resident)
+    assert stored["transformer_resident"] == 15
     assert stored["transformer_blocks"] == BLOCKS
-    assert stored["predicted_peak_bytes"] == plan.predicted_peak_bytes
-    assert 0 < plan.resident_weight_bytes < plan.predicted_peak_bytes
+    assert stored["text_encoder_streamed"] is True and stored["vae_tiled"] is True
+    weights = ZIMAGE.transformer_rest + 15 * BLOCK + ZIMAGE.vae + ZIMAGE.text_encoder_rest
+    assert stored["resident_weight_bytes"] == weights == 6_098_853_550
+    peak = expected_peak(1024, 1024, resident=15, te_streamed=True, tiled=True)
+    assert stored["predicted_peak_bytes"] == peak == 7_766_744_967
+    assert stored["pinned_host_bytes"] == 19 * BLOCK + LAYERS * LAYER == 15_075_335_168
 
 
 def test_plan_describe() -> None:
     """describe() names the rung, the resident count and where the encoder and decode run."""
-    plan = ladder(8)[0]
-    resident = len(plan.transformer_resident)
-    assert plan.describe() == f"stream, transformer {resident}/34 resident, text encoder streamed, vae full"
+    assert ladder(12)[0].describe() == "stream, transformer 23/34 resident, text encoder streamed, vae full"
+    assert (
+        ladder(8)[0].describe()
+        == "stream_tiled, transformer 15/34 resident, text encoder streamed, vae tiled"
+    )
     assert ladder(40)[0].describe() == "resident, transformer 34/34 resident, text encoder resident, vae full"
     tiled = ladder(6, 2048, 2048)[0]
-    assert tiled.describe().endswith("text encoder streamed, vae tiled")
+    assert tiled.describe() == "stream_tiled, transformer 6/34 resident, text encoder streamed, vae tiled"
+    # Only the planner's own rungs mention pageable memory; sequential never pins.
+    sequential = ladder(8)[-1]
+    assert not sequential.pin_host
+    assert sequential.describe() == "sequential, transformer 0/34 resident, text encoder streamed, vae tiled"
+
+
+def test_plan_short() -> None:
+    """short() is the rung, the resident count and a tiled flag for the planner's rungs."""
+    assert ladder(8)[0].short() == "stream_tiled 15/34 tiled"
+    assert ladder(12)[0].short() == "stream 23/34"
+    assert ladder(40)[0].short() == "resident 34/34"
+    assert ladder(8)[-1].short() == "sequential 0/34"

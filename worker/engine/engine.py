@@ -149,6 +149,12 @@ class Engine:
             self._planned = None
         if self._diffusers_mode not in (None, "none") and self._reload is not None:
             self.loaded = self._reload()
+        elif self._diffusers_mode in ("model", "sequential"):
+            # accelerate's hooks put the offloaded weights back on the module when they are removed.
+            self.loaded.pipeline.remove_all_hooks()
+            self.loaded.pipeline.to("cpu")
+        elif self._diffusers_mode == "group":
+            raise EngineError("leaving diffusers group offload needs a reload; build the Engine with reload=")
         elif self._diffusers_mode == "none":
             self.loaded.pipeline.to("cpu")
         self._diffusers_mode = None

@@ -59,8 +59,8 @@ def profile(
     device = pick_device()
     check_device_for(model, device)
     budget = resolve_budget(budget_gb, "auto", device)
-    apply_device_cap(budget, device)
     loaded = load_pipeline(model, dtype=dtype, cache_dir=cache_dir, device=device)
+    apply_device_cap(budget, device)  # after loading: a synthetic model is built on the GPU once
     rows = []
     for mode in modes:
         engine = Engine(

@@ -195,6 +195,8 @@ def ensure_saved(model: str, cache_dir: Path, build_device: str = "cpu") -> Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     del pipeline
+    if build_device == "cuda":
+        torch.cuda.empty_cache()  # hand the build's 20 GB back before anything measures free memory
     _publish_folder(staging, folder)
     return folder
 
