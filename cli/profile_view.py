@@ -45,14 +45,16 @@ def profile_chart(rows: list[dict[str, Any]], path: Path, budget_bytes: int | No
         by_size = {(r["width"], r["height"]): r for r in rows if r["mode"] == mode}
         xs = [i + index * width for i in range(len(sizes))]
         speed.bar(xs, [_value(by_size.get(s), "seconds_per_image", 1) for s in sizes], width, label=mode)
-        memory.bar(xs, [_value(by_size.get(s), "peak_reserved_bytes", 1e9) for s in sizes], width, label=mode)
+        memory.bar(
+            xs, [_value(by_size.get(s), "peak_reserved_bytes", 1024**3) for s in sizes], width, label=mode
+        )
     for axis, label in ((speed, "seconds per image"), (memory, "peak reserved (GB)")):
         axis.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(sizes))])
         axis.set_xticklabels([f"{w}x{h}" for w, h in sizes])
         axis.set_ylabel(label)
         axis.legend()
     if budget_bytes:
-        memory.axhline(budget_bytes / 1e9, color="red", linestyle="--", label="budget")
+        memory.axhline(budget_bytes / 1024**3, color="red", linestyle="--", label="budget")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

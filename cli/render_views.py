@@ -93,5 +93,5 @@ def max_or_none(values: Any) -> int | None:
 
 
 def gigabytes(value: int | None) -> str:
-    """Bytes as GB with two decimals; n/a where nothing was measured (the CPU has no device memory)."""
-    return "n/a" if value is None else f"{value / 1e9:.2f} GB"
+    """Bytes as GB (1024**3, as card sizes and budgets are meant) with two decimals; n/a on the CPU."""
+    return "n/a" if value is None else f"{value / 1024**3:.2f} GB"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import psutil
 import torch
 
@@ -20,7 +22,7 @@ def parse_gigabytes(value: str) -> float | None:
     if text == "auto":
         return None
     gigabytes = float(text)
-    if gigabytes <= 0:
+    if not math.isfinite(gigabytes) or gigabytes <= 0:
         raise ValueError(f"a budget must be positive or 'auto', got {value!r}")
     return gigabytes
 
