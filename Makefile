@@ -20,8 +20,8 @@ demo: install
 	$(BIN)/nightrender run examples/prompts.txt --model synthetic:tiny --width 256 --height 256 --steps 4 --out renders
 
 test: install
-	$(BIN)/ruff check api jobs worker cli tests
-	$(BIN)/ruff format --check api jobs worker cli tests
+	$(BIN)/ruff check api jobs worker cli tests bench
+	$(BIN)/ruff format --check api jobs worker cli tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q -ra
 
