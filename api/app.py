@@ -47,7 +47,10 @@ def _reconcile_loop(app: FastAPI, settings: Settings, stop: threading.Event) -> 
     while not stop.is_set():
         try:
             reconcile_once(
-                app.state.session_factory, app.state.publisher, stale_after_s=settings.heartbeat_stale_s
+                app.state.session_factory,
+                app.state.publisher,
+                stale_after_s=settings.heartbeat_stale_s,
+                republish_after_s=settings.republish_after_s,
             )
         except Exception:  # a database or broker outage must not kill the loop
             log.exception("reconciler pass failed")

@@ -37,6 +37,10 @@ class Client:
         """A batch's summary."""
         return _json(self.http.get(f"/v1/batches/{batch_id}"))
 
+    def post(self, path: str) -> dict[str, Any]:
+        """POST an action with no body (cancel, retry, pause, resume)."""
+        return _json(self.http.post(path))
+
     def stats(self) -> dict[str, Any]:
         """The memory-by-resolution table."""
         return _json(self.http.get("/v1/stats"))

@@ -155,6 +155,43 @@ def status(batch_id: str, watch: bool = False) -> None:
     console.print_json(json.dumps(summary))
 
 
+def _action(path: str) -> None:
+    try:
+        console.print_json(json.dumps(Client(_settings().resolved_api_url()).post(path)))
+    except ApiError as error:
+        _fail(str(error))
+
+
+@app.command()
+def cancel(batch_id: Annotated[str | None, typer.Argument()] = None, job: str | None = None) -> None:
+    """Cancel a batch (or one --job): queued jobs stop at once, running ones at their next step."""
+    _action(f"/v1/jobs/{job}/cancel" if job else f"/v1/batches/{_required(batch_id)}/cancel")
+
+
+@app.command()
+def retry(batch_id: Annotated[str | None, typer.Argument()] = None, job: str | None = None) -> None:
+    """Queue again the failed or cancelled jobs of a batch (or one --job), linked to the originals."""
+    _action(f"/v1/jobs/{job}/retry" if job else f"/v1/batches/{_required(batch_id)}/retry")
+
+
+@app.command()
+def pause() -> None:
+    """Pause the queue: workers finish their current job and take no more."""
+    _action("/v1/queue/pause")
+
+
+@app.command()
+def resume() -> None:
+    """Resume the queue; jobs handed back while paused are published again."""
+    _action("/v1/queue/resume")
+
+
+def _required(batch_id: str | None) -> str:
+    if not batch_id:
+        _fail("give a BATCH_ID or --job JOB_ID")
+    return str(batch_id)
+
+
 @app.command()
 def download(batch_id: str, out: Path = Path("renders")) -> None:
     """Download a batch's images and manifest into OUT/BATCH_ID and print the memory table."""

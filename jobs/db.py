@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 
 def make_engine(url: str) -> Engine:
@@ -46,3 +52,29 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+def with_retries(
+    factory: sessionmaker[Session],
+    write: Callable[[Session], Result],
+    *,
+    timeout_s: float = 180.0,
+    first_delay_s: float = 0.25,
+) -> Result:
+    """Run `write` in its own transaction, retrying while the database is unreachable (a restart).
+
+    Callers make `write` safe to replay: every write after a claim is fenced by the lease, and a
+    finalisation that already committed reads back as done.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = first_delay_s
+    while True:
+        try:
+            with transaction(factory) as session:
+                return write(session)
+        except (OperationalError, InterfaceError) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1fs", type(error).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -102,14 +102,17 @@ def _finalise(
     stats: dict[str, Any] | None,
     **values: Any,
 ) -> bool:
+    # The lease token stays on the row, so replaying a finalisation that already committed (the
+    # connection dropped before the commit was acknowledged) reads back as done, not as a lost lease.
     result = session.execute(
         update(Job)
         .where(_leased(job_id, lease_token))
-        .values(status=status, finished_at=utcnow(), lease_token=None, **values)
+        .values(status=status, finished_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
+        row = session.execute(select(Job.status, Job.lease_token).where(Job.id == job_id)).one_or_none()
+        return row is not None and tuple(row) == (status, lease_token)
     if stats is not None:
         session.merge(JobStats(job_id=job_id, **stats))
     return True
@@ -144,3 +147,55 @@ def fail_if_exhausted(session: Session, *, job_id: str) -> bool:
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def heartbeat(session: Session, *, job_id: str, lease_token: str) -> bool:
+    """Prove a running job is alive; False means the lease was lost (the reconciler took it back)."""
+    result = session.execute(
+        update(Job)
+        .where(_leased(job_id, lease_token))
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def hand_back(session: Session, *, job_id: str) -> bool:
+    """Leave a queued job unclaimed and unpublished (the queue is paused); resume republishes it."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(published_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def retry_jobs(session: Session, *, job_ids: list[str]) -> list[str]:
+    """Queue a fresh copy of each failed or cancelled job, linked to it by retry_of; returns new ids."""
+    originals = session.scalars(
+        select(Job).where(Job.id.in_(job_ids), Job.status.in_([s.value for s in RETRYABLE]))
+    ).all()
+    created = []
+    for original in originals:
+        if session.scalar(select(Job.id).where(Job.retry_of == original.id)):
+            continue  # already retried: retrying twice would render it twice
+        copy = Job(
+            **{
+                name: getattr(original, name)
+                for name in (*PARAM_FIELDS, "batch_id", "batch_index", "priority")
+            },
+            id=str(uuid.uuid4()),
+            max_attempts=original.max_attempts,
+            retry_of=original.id,
+            status=JobStatus.QUEUED,
+            attempts=0,
+            cancel_requested=False,
+            progress_step=0,
+        )
+        session.add(copy)
+        created.append(copy.id)
+    return created

@@ -5,6 +5,7 @@ Clients publish by task name, so the API never imports the worker's code.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,19 +17,21 @@ RENDER_TASK = "nightrender.render_job"
 # Redis has no native priorities; kombu emulates them with one list per step, lowest number first.
 PRIORITY_STEPS = list(range(10))
 MAX_PRIORITY = 9
-VISIBILITY_TIMEOUT_S = 6 * 3600
+UNACKED_KEY = "unacked"  # kombu's Redis hash of delivered, not yet acknowledged messages
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
     """Celery settings shared by the publisher and the worker."""
+    # Above the longest job; Celery reads it from both option sets, so both carry it.
     transport = {
-        "visibility_timeout": VISIBILITY_TIMEOUT_S,
+        "visibility_timeout": settings.visibility_timeout_s,
         "priority_steps": PRIORITY_STEPS,
         "queue_order_strategy": "priority",
     }
     return {
         "broker_url": settings.resolved_redis_url(),
         "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue_name,
         "task_serializer": "json",
@@ -92,9 +95,39 @@ class Publisher:
             connection.ensure_connection(max_retries=1, timeout=2)
             connection.default_channel.client.ping()
 
+    def live_job_ids(self) -> set[str]:
+        """Job ids with a message waiting in the queue or delivered and not yet acknowledged."""
+        with self._app.connection_for_write() as connection:
+            client = connection.default_channel.client
+            live: set[str] = set()
+            for name in self._list_names():
+                live.update(_task_id(raw) for raw in client.lrange(name, 0, -1))
+            for raw in client.hvals(UNACKED_KEY):
+                live.add(_unacked_task_id(raw))
+            live.discard("")
+            return live
+
+    def _list_names(self) -> list[str]:
+        return [self._queue] + [f"{self._queue}\x06\x16{step}" for step in PRIORITY_STEPS[1:]]
+
     def queue_length(self) -> int:
         """Messages waiting in the broker across all priority lists (for tests and ops)."""
         with self._app.connection_for_write() as connection:
             client = connection.default_channel.client
-            names = [self._queue] + [f"{self._queue}\x06\x16{step}" for step in PRIORITY_STEPS[1:]]
-            return int(sum(client.llen(name) for name in names))
+            return int(sum(client.llen(name) for name in self._list_names()))
+
+
+def _task_id(raw: bytes) -> str:
+    """The task id (= job id) of a message as kombu stores it in Redis."""
+    try:
+        return str(json.loads(raw)["headers"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _unacked_task_id(raw: bytes) -> str:
+    # The unacked hash stores [message, exchange, routing_key].
+    try:
+        return str(json.loads(raw)[0]["headers"]["id"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return ""

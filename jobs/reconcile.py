@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from jobs.controls import is_paused
 from jobs.db import transaction
 from jobs.queue import Publication, Publisher
 from jobs.states import JobStatus
@@ -54,6 +55,23 @@ def recover_stale_running(session: Session, *, stale_after_s: float) -> tuple[in
     return int(requeued), int(failed)
 
 
+def mark_lost_messages(session: Session, *, live: set[str], older_than_s: float) -> int:
+    """Queued jobs published long ago whose message is gone (Redis lost it): mark them unpublished."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    candidates = session.scalars(
+        select(Job.id).where(Job.status == JobStatus.QUEUED, Job.published_at < cutoff)
+    ).all()
+    lost = [job_id for job_id in candidates if job_id not in live]
+    for start in range(0, len(lost), 500):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(lost[start : start + 500]), Job.status == JobStatus.QUEUED)
+            .values(published_at=None)
+            .execution_options(synchronize_session=False)
+        )
+    return len(lost)
+
+
 def unpublished_jobs(session: Session, *, limit: int) -> list[Publication]:
     """Queued jobs with no message sent yet (publishing failed, or they were requeued)."""
     rows = session.execute(
@@ -66,11 +84,25 @@ def unpublished_jobs(session: Session, *, limit: int) -> list[Publication]:
 
 
 def reconcile_once(
-    factory: sessionmaker[Session], publisher: Publisher, *, stale_after_s: float
+    factory: sessionmaker[Session],
+    publisher: Publisher,
+    *,
+    stale_after_s: float,
+    republish_after_s: float | None = None,
 ) -> ReconcileReport:
-    """One pass: recover stale jobs, then publish whatever has no message."""
+    """One pass: recover stale jobs, find lost messages, then publish whatever has no message.
+
+    Nothing is published while the queue is paused; resuming runs a pass at once.
+    """
     with transaction(factory) as session:
         requeued, failed = recover_stale_running(session, stale_after_s=stale_after_s)
+        paused = is_paused(session)
+    if paused:
+        return ReconcileReport(requeued=requeued, failed=failed, republished=0)
+    if republish_after_s is not None:
+        live = publisher.live_job_ids()
+        with transaction(factory) as session:
+            mark_lost_messages(session, live=live, older_than_s=republish_after_s)
     republished = 0
     while True:
         with factory() as session:

@@ -55,7 +55,17 @@ class Settings(BaseSettings):
     )
     embedded_redis_port: int = 6390
     reconcile_interval_s: float = Field(30.0, gt=0)
-    heartbeat_stale_s: float = Field(120.0, gt=0)
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a running job proves it is alive")
+    heartbeat_stale_s: float = Field(120.0, gt=0, description="a running job silent this long is requeued")
+    republish_after_s: float = Field(
+        120.0, ge=0, description="queued with no live message this long: republish"
+    )
+    visibility_timeout_s: int = Field(
+        6 * 3600, gt=0, description="Redis redelivers unacked messages after this"
+    )
+    fault_exit_on_prompt: str | None = Field(
+        None, description="testing only: a worker exits mid-job when a prompt contains this text"
+    )
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the data dir."""

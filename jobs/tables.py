@@ -125,3 +125,13 @@ class JobStats(Base):
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="stats")
+
+
+class QueueControl(Base):
+    """Operator switches for the whole queue (one row per switch, e.g. paused)."""
+
+    __tablename__ = "queue_controls"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

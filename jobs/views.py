@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, case, exists, func, or_, select, true
+from sqlalchemy.orm import Session, aliased
 
 from jobs.states import TERMINAL, JobStatus, batch_status
 from jobs.tables import Batch, Job, JobStats
 
 STAT_FIELDS = [c.name for c in JobStats.__table__.columns if c.name not in ("job_id",)]
+_Retry = aliased(Job)
+
+
+def not_superseded() -> Any:
+    """Jobs that count for their batch: those no retry has replaced."""
+    return ~exists(select(_Retry.id).where(_Retry.retry_of == Job.id))
 
 
 def queue_position(session: Session, job: Job) -> int | None:
@@ -60,6 +66,7 @@ def job_view(session: Session, job: Job) -> dict[str, Any]:
         "progress": {"step": job.progress_step, "total": job.steps},
         "queue_position": queue_position(session, job),
         "attempts": job.attempts,
+        "retry_of": job.retry_of,
         "error": job.error,
         "created_at": job.created_at.isoformat(),
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
@@ -70,7 +77,9 @@ def job_view(session: Session, job: Job) -> dict[str, Any]:
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     """How many of a batch's jobs are in each state (every state listed)."""
     rows = session.execute(
-        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+        select(Job.status, func.count())
+        .where(Job.batch_id == batch_id, not_superseded())
+        .group_by(Job.status)
     ).all()
     counts = {status.value: 0 for status in JobStatus}
     counts.update({status: int(n) for status, n in rows})
@@ -100,7 +109,7 @@ def _step_progress(session: Session, batch_id: str) -> tuple[int, int]:
     done_expr = case((finished, Job.steps), else_=Job.progress_step)
     row = session.execute(
         select(func.coalesce(func.sum(done_expr), 0), func.coalesce(func.sum(Job.steps), 0)).where(
-            Job.batch_id == batch_id
+            Job.batch_id == batch_id, not_superseded()
         )
     ).one()
     return int(row[0]), int(row[1])

@@ -23,9 +23,13 @@ def png_metadata(job_id: str, params: GenerationParams) -> PngInfo:
     return info
 
 
-def image_path(outputs_dir: Path, job_id: str, batch_id: str | None) -> Path:
-    """Where a job's PNG lives: one folder per batch, named by job id (never by client input)."""
-    return outputs_dir / (batch_id or "single") / f"{job_id}.png"
+def image_path(outputs_dir: Path, job_id: str, batch_id: str | None, lease_token: str) -> Path:
+    """Where an attempt's PNG lives: a folder per batch, named by job id and attempt, never by client input.
+
+    The attempt's lease in the name means an attempt that lost its lease can delete its own file
+    without touching the file of the attempt that won.
+    """
+    return outputs_dir / (batch_id or "single") / f"{job_id}-{lease_token[:8]}.png"
 
 
 def save_png_atomically(image: Image.Image, path: Path, metadata: PngInfo) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import transaction
+from jobs.controls import is_paused
+from jobs.db import with_retries
 from jobs.lifecycle import (
     Claim,
     cancel_running_job,
@@ -19,6 +23,8 @@ from jobs.lifecycle import (
     fail_if_exhausted,
     fail_job,
     finish_job,
+    hand_back,
+    heartbeat,
     record_progress,
 )
 from jobs.params import GenerationParams
@@ -118,13 +124,45 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run a job if we can claim it; returns what happened, for the log."""
-        with transaction(self._factory) as session:
-            claim = claim_job(session, job_id=job_id)
-            if claim is None:
-                exhausted = fail_if_exhausted(session, job_id=job_id)
-                return "exhausted" if exhausted else "skipped"
+        claim = with_retries(self._factory, lambda session: self._claim(session, job_id))
+        if isinstance(claim, str):
+            return claim
         log.info("claimed job %s (attempt %d)", job_id, claim.attempt)
-        return self._render_claimed(claim)
+        with self._heartbeating(claim):
+            return self._render_claimed(claim)
+
+    def _claim(self, session: Session, job_id: str) -> Claim | str:
+        if is_paused(session):
+            hand_back(session, job_id=job_id)  # resume republishes it; nothing is lost
+            return "paused"
+        claim = claim_job(session, job_id=job_id)
+        if claim is None:
+            return "exhausted" if fail_if_exhausted(session, job_id=job_id) else "skipped"
+        return claim
+
+    @contextmanager
+    def _heartbeating(self, claim: Claim) -> Iterator[None]:
+        """Beat every HEARTBEAT_INTERVAL_S while the job runs, so a long load or step is not taken as dead."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self._settings.heartbeat_interval_s):
+                try:
+                    with_retries(
+                        self._factory,
+                        lambda s: heartbeat(s, job_id=claim.job_id, lease_token=claim.lease_token),
+                        timeout_s=self._settings.heartbeat_interval_s,
+                    )
+                except Exception:  # a missed beat is survivable; the next one may land
+                    log.warning("heartbeat for job %s failed", claim.job_id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{claim.job_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
     def _render_claimed(self, claim: Claim) -> str:
         stats: RenderStats | None = None
@@ -159,30 +197,42 @@ class JobRunner:
         return result, load_s
 
     def _step_writer(self, claim: Claim) -> Any:
+        marker = self._settings.fault_exit_on_prompt
+        poisoned = bool(marker) and marker in claim.params.prompt  # type: ignore[operator]
+
         def write_step(step: int, _total: int) -> bool:
-            with transaction(self._factory) as session:
-                return record_progress(session, job_id=claim.job_id, lease_token=claim.lease_token, step=step)
+            if poisoned:
+                os._exit(1)  # testing only (FAULT_EXIT_ON_PROMPT): die mid-job like a crashed worker
+            return with_retries(
+                self._factory,
+                lambda s: record_progress(s, job_id=claim.job_id, lease_token=claim.lease_token, step=step),
+            )
 
         return write_step
 
     def _store_success(self, claim: Claim, image: Any, stats: RenderStats) -> str:
-        path = image_path(self._settings.resolved_outputs_dir(), claim.job_id, claim.batch_id)
+        path = image_path(
+            self._settings.resolved_outputs_dir(), claim.job_id, claim.batch_id, claim.lease_token
+        )
         started = time.perf_counter()
         save_png_atomically(image, path, png_metadata(claim.job_id, claim.params))
         stats.save_s = time.perf_counter() - started
-        with transaction(self._factory) as session:
-            stored = finish_job(
-                session,
-                job_id=claim.job_id,
-                lease_token=claim.lease_token,
-                result_path=str(path),
-                stats=stats_columns(stats) or {},
-            )
-        return "succeeded" if stored else "lease lost"
+        values = stats_columns(stats) or {}
+        stored = with_retries(
+            self._factory,
+            lambda s: finish_job(
+                s, job_id=claim.job_id, lease_token=claim.lease_token, result_path=str(path), stats=values
+            ),
+        )
+        if not stored:
+            path.unlink(missing_ok=True)  # our lease was taken back: this attempt's image is nobody's
+            return "lease lost"
+        return "succeeded"
 
     def _store(self, write: Any, claim: Claim, **values: Any) -> str | None:
-        with transaction(self._factory) as session:
-            stored = write(session, job_id=claim.job_id, lease_token=claim.lease_token, **values)
+        stored = with_retries(
+            self._factory, lambda s: write(s, job_id=claim.job_id, lease_token=claim.lease_token, **values)
+        )
         return None if stored else "lease lost"
 
 

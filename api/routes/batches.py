@@ -16,8 +16,9 @@ from api.errors import invalid, not_found
 from api.submission import expansion_errors, parse_body, resolve_model
 from api.uploads import parse_prompt_file
 from jobs.batching import BatchCreate, ExpansionError, expand_batch
-from jobs.lifecycle import request_cancel
-from jobs.submit import submit_batch
+from jobs.lifecycle import request_cancel, retry_jobs
+from jobs.queue import Publication
+from jobs.submit import publish_jobs, submit_batch
 from jobs.tables import Batch, Job
 from jobs.views import batch_view
 
@@ -144,6 +145,18 @@ def get_batch_archive(
     path = build_archive(session, batch, settings.resolved_outputs_dir())
     cleanup.add_task(path.unlink, missing_ok=True)
     return FileResponse(path, media_type="application/zip", filename=f"batch-{batch_id}.zip")
+
+
+@router.post("/{batch_id}/retry")
+def retry_batch(batch_id: str, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
+    """Queue a fresh copy of every failed or cancelled job of the batch (each linked to its original)."""
+    with factory() as session, session.begin():
+        batch = load_batch(session, batch_id)
+        ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
+        created = retry_jobs(session, job_ids=ids)
+        priority = batch.priority
+    publish_jobs(factory, publisher, [Publication(job_id=job_id, priority=priority) for job_id in created])
+    return {"id": batch_id, "retried": len(created), "job_ids": created}
 
 
 @router.post("/{batch_id}/cancel")

@@ -12,9 +12,10 @@ from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep
 from api.errors import not_found
 from api.submission import expansion_errors, resolve_model
 from jobs.batching import ExpansionError, JobCreate, job_params
-from jobs.lifecycle import request_cancel
+from jobs.lifecycle import RETRYABLE, request_cancel, retry_jobs
+from jobs.queue import Publication
 from jobs.states import JobStatus
-from jobs.submit import submit_job
+from jobs.submit import publish_jobs, submit_job
 from jobs.tables import Job
 from jobs.views import job_view
 
@@ -72,6 +73,24 @@ def get_job_image(job_id: str, session: SessionDep, settings: SettingsDep) -> Fi
     if not path.is_relative_to(settings.resolved_outputs_dir()) or not path.is_file():
         raise HTTPException(status_code=410, detail=f"the image of job {job_id} is no longer on disk")
     return FileResponse(path, media_type="image/png", filename=f"{job_id}.png")
+
+
+@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED)
+def retry_job(job_id: str, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
+    """Queue a fresh copy of a failed or cancelled job, linked to it by `retry_of`."""
+    with factory() as session, session.begin():
+        job = load_job(session, job_id)
+        if job.status not in RETRYABLE:
+            raise HTTPException(
+                status_code=409,
+                detail=f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried",
+            )
+        created = retry_jobs(session, job_ids=[job_id])
+        priority = job.priority
+    if not created:
+        raise HTTPException(status_code=409, detail=f"job {job_id} was already retried")
+    publish_jobs(factory, publisher, [Publication(job_id=created[0], priority=priority)])
+    return {"id": created[0], "retry_of": job_id, "status": JobStatus.QUEUED.value}
 
 
 @router.post("/{job_id}/cancel")

@@ -269,7 +269,7 @@ def test_to_request_carries_every_render_field() -> None:
 def test_png_holds_the_parameters_as_text(base: RenderResult, tmp_path: Path) -> None:
     """The PNG carries the job's parameters as text chunks."""
     params = make_params(negative_prompt="blurry")
-    path = image_path(tmp_path, "job-1", "batch-1")
+    path = image_path(tmp_path, "job-1", "batch-1", "lease-00000001")
     save_png_atomically(base.image, path, png_metadata("job-1", params))
     with Image.open(path) as saved:
         text = dict(saved.text)  # type: ignore[attr-defined]
@@ -282,11 +282,11 @@ def test_png_holds_the_parameters_as_text(base: RenderResult, tmp_path: Path) ->
 
 def test_png_save_leaves_no_temporary_files(base: RenderResult, tmp_path: Path) -> None:
     """Saving twice leaves only the final PNG."""
-    path = image_path(tmp_path, "job-2", None)
+    path = image_path(tmp_path, "job-2", None, "lease-00000002")
     metadata = png_metadata("job-2", make_params())
     save_png_atomically(base.image, path, metadata)
     save_png_atomically(base.image, path, metadata)
-    assert path == tmp_path / "single" / "job-2.png"
+    assert path == tmp_path / "single" / "job-2-lease-00.png"
     assert list(path.parent.iterdir()) == [path]
 
 

@@ -184,7 +184,8 @@ def test_finish_with_a_stale_token_is_refused_then_the_owner_finishes(factory: s
     done = row(factory, job_id)
     assert done.status == "succeeded"
     assert done.result_path == "/tmp/new.png"
-    assert done.lease_token is None
+    # The token stays on the row so a replayed finish (commit acknowledged late) reads back as done.
+    assert done.lease_token == second.lease_token
     assert done.finished_at is not None
     with factory() as session:
         stats = session.get_one(JobStats, job_id)
@@ -194,11 +195,15 @@ def test_finish_with_a_stale_token_is_refused_then_the_owner_finishes(factory: s
         assert stats.device_name == "test-device"
         assert stats.recorded_at is not None
 
-    # Once finished, the same token can no longer write anything.
+    # Once finished, the same token can no longer change anything; replaying the finish reads as done.
     with transaction(factory) as session:
         assert not record_progress(session, job_id=job_id, lease_token=second.lease_token, step=1)
         assert not fail_job(session, job_id=job_id, lease_token=second.lease_token, error="x", stats=None)
+        assert finish_job(
+            session, job_id=job_id, lease_token=second.lease_token, result_path="/tmp/new.png", stats=STATS
+        )
     assert row(factory, job_id).status == "succeeded"
+    assert row(factory, job_id).result_path == "/tmp/new.png"
 
 
 def test_fail_if_exhausted(factory: sessionmaker[Session]) -> None:
