@@ -149,8 +149,9 @@ class Stack:
         self.processes.clear()
 
 
-def worker_command(settings: Settings) -> list[str]:
+def worker_command(settings: Settings, name: str | None = None) -> list[str]:
     """The Celery worker, as nightrender runs it: solo pool, one job at a time, no prefetch."""
+    node = ["--hostname", f"{name}@%h"] if name else []
     return [
         sys.executable,
         "-m",
@@ -170,6 +171,7 @@ def worker_command(settings: Settings) -> list[str]:
         "INFO",
         "--without-gossip",
         "--without-mingle",
+        *node,
     ]
 
 

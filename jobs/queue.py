@@ -27,6 +27,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "visibility_timeout": settings.visibility_timeout_s,
         "priority_steps": PRIORITY_STEPS,
         "queue_order_strategy": "priority",
+        # Sweep for messages past their visibility timeout often enough to matter (kombu's default
+        # throttle makes it one scan in ~100 s); duplicates are harmless, the claim refuses them.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+        "unacked_restore_throttle": 1,
     }
     return {
         "broker_url": settings.resolved_redis_url(),
@@ -76,7 +80,11 @@ class Publisher:
     def publish(self, items: Iterable[Publication]) -> list[str]:
         """Publish over one connection; returns the job ids that were sent."""
         sent: list[str] = []
-        with self._app.producer_or_acquire() as producer:
+        # A fresh connection each time: kombu caches which queues it declared per connection, and
+        # after Redis loses its data (FLUSHALL, a restart without AOF) a pooled connection would
+        # publish to a queue whose binding no longer exists.
+        with self._app.connection_for_write() as connection:
+            producer = connection.Producer(serializer="json")
             for item in items:
                 self._app.send_task(
                     RENDER_TASK,

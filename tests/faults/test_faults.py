@@ -1,0 +1,180 @@
+"""Fault injection with real processes: nothing lost, nothing done twice.
+
+Each case runs the API (with its reconciler) and Celery workers as real processes against real
+PostgreSQL and a private Redis with AOF, renders synthetic:tiny, injects a fault, and then checks that
+every job ended `succeeded` exactly once with one image and one stats row, and no orphan file.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobs.queue import Publication, Publisher
+from jobs.settings import Settings
+from tests.faults.harness import FaultStack, PrivateRedis, assert_exactly_once, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)]
+# About a second per job on a CPU: long enough to be caught mid-job.
+SLOW = {"width": 192, "height": 192, "steps": 80}
+FAST = {"width": 64, "height": 64, "steps": 2}
+COUNTS: dict[str, dict[str, int]] = {}
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A Redis these tests may wipe and restart."""
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def fault_settings(settings: Settings, redis_url: str, **overrides: object) -> Settings:
+    """Short heartbeats and a fast reconciler, so recovery takes seconds instead of minutes."""
+    return settings.model_copy(
+        update={
+            "redis_url": redis_url,
+            "heartbeat_interval_s": 0.5,
+            "heartbeat_stale_s": 3.0,
+            "reconcile_interval_s": 0.5,
+            "republish_after_s": 3.0,
+            "max_attempts": 10,
+            "fault_exit_on_prompt": "POISON-PILL",
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture
+def make_stack(settings: Settings, private_redis: PrivateRedis) -> Iterator[object]:
+    """Build and start a fault stack; stopped at the end of the test."""
+    stacks: list[FaultStack] = []
+
+    def build(workers: int = 1, **overrides: object) -> FaultStack:
+        stack = FaultStack(fault_settings(settings, private_redis.url, **overrides))
+        stacks.append(stack)
+        stack.start(workers)
+        return stack
+
+    yield build
+    for stack in stacks:
+        stack.stop()
+
+
+def record(case: str, counts: dict[str, int]) -> None:
+    """Keep each case's counts; they are printed at the end (and go into the closing note)."""
+    COUNTS[case] = counts
+    print(f"\nFAULT {case}: {json.dumps(counts)}")
+
+
+def test_kill_9_the_worker_mid_job_ten_times(make_stack: object) -> None:
+    """kill -9 the worker while it renders, ten times over one batch; a supervisor restarts it."""
+    stack: FaultStack = make_stack()  # type: ignore[operator]
+    job_ids = stack.submit([f"kill test {i}" for i in range(14)], **SLOW)
+    kills = 0
+    while kills < 10:
+        wait_until(lambda: bool(stack.running(job_ids)), 120, "a running job")
+        time.sleep(0.3)  # mid-job, not at its first step
+        stack.kill("w0")
+        kills += 1
+        stack.start_worker("w0")
+    stack.wait_finished(job_ids)
+    counts = assert_exactly_once(stack, job_ids)
+    assert counts["attempts"] >= len(job_ids) + 1  # killed jobs really ran again
+    record("kill -9 mid-job", {**counts, "kills": kills, "duplicates": 0})
+
+
+def test_flushall_with_200_jobs_queued(make_stack: object, private_redis: PrivateRedis) -> None:
+    """Redis loses every message (FLUSHALL) with 200 jobs queued: the reconciler republishes from SQL."""
+    stack: FaultStack = make_stack()  # type: ignore[operator]
+    job_ids = stack.submit([f"flush test {i}" for i in range(220)], **FAST)
+    wait_until(lambda: list(stack.statuses(job_ids).values()).count("succeeded") >= 5, 120, "a few done")
+    queued = list(stack.statuses(job_ids).values()).count("queued")
+    assert queued >= 200
+    private_redis.client().flushall()
+    stack.wait_finished(job_ids, timeout=400)
+    counts = assert_exactly_once(stack, job_ids)
+    record("FLUSHALL", {**counts, "queued_when_wiped": queued, "duplicates": 0})
+
+
+def test_redis_restart_mid_batch(make_stack: object, private_redis: PrivateRedis) -> None:
+    """Redis stops and starts again mid-batch: the AOF keeps the queue and the worker reconnects."""
+    stack: FaultStack = make_stack()  # type: ignore[operator]
+    job_ids = stack.submit([f"redis restart {i}" for i in range(30)], **{**FAST, "steps": 20})
+    wait_until(lambda: list(stack.statuses(job_ids).values()).count("succeeded") >= 3, 120, "a few done")
+    private_redis.stop()
+    time.sleep(2)
+    private_redis.start()
+    stack.wait_finished(job_ids)
+    record("Redis restart", {**assert_exactly_once(stack, job_ids), "restarts": 1, "duplicates": 0})
+
+
+def test_the_same_message_twice(make_stack: object) -> None:
+    """Every job's message is delivered twice: one claim wins, the other is acknowledged as a skip."""
+    stack: FaultStack = make_stack()  # type: ignore[operator]
+    stack.http.post("/v1/queue/pause")
+    job_ids = stack.submit([f"duplicate {i}" for i in range(10)], **FAST)
+    stack.http.post("/v1/queue/resume")
+    publisher = Publisher(stack.settings)
+    publisher.publish([Publication(job_id=job_id, priority=0) for job_id in job_ids])
+    stack.wait_finished(job_ids)
+    wait_until(lambda: publisher.queue_length() == 0, 60, "every message to be consumed")
+    logs = stack.worker_logs()
+    skipped, handed_back = logs.count(": skipped"), logs.count(": paused")
+    # Every delivery beyond the one that ran was refused by the claim; none rendered twice.
+    assert skipped >= len(job_ids) - handed_back
+    counts = assert_exactly_once(stack, job_ids)
+    assert counts["attempts"] == len(job_ids)
+    record(
+        "duplicate delivery", {**counts, "extra_messages": len(job_ids), "skipped": skipped, "duplicates": 0}
+    )
+
+
+def test_visibility_timeout_shorter_than_a_job(make_stack: object) -> None:
+    """Redis redelivers messages of jobs still running (V = 1 s): the running claim refuses the copy."""
+    stack: FaultStack = make_stack(workers=2, visibility_timeout_s=1)  # type: ignore[operator]
+    job_ids = stack.submit([f"visibility {i}" for i in range(8)], **SLOW)
+    stack.wait_finished(job_ids)
+    counts = assert_exactly_once(stack, job_ids)
+    assert counts["attempts"] == len(job_ids)
+    record(
+        "visibility timeout < job", {**counts, "skipped_redeliveries": stack.worker_logs().count(": skipped")}
+    )
+
+
+def test_poison_job_fails_after_max_attempts_and_the_queue_drains(make_stack: object) -> None:
+    """A job that kills its worker every time fails after max_attempts; the jobs behind it all finish."""
+    stack: FaultStack = make_stack(max_attempts=3)  # type: ignore[operator]
+    poison = stack.submit(["POISON-PILL"], **FAST)
+    healthy = stack.submit([f"healthy {i}" for i in range(6)], **FAST)
+    statuses = stack.wait_finished(poison + healthy, timeout=300)
+    assert statuses[poison[0]] == "failed"
+    detail = stack.http.get(f"/v1/jobs/{poison[0]}").json()
+    assert detail["attempts"] == 3 and detail["error"] == "worker lost"
+    counts = assert_exactly_once(stack, healthy)
+    record("poison job", {**counts, "poison_attempts": detail["attempts"], "duplicates": 0})
+
+
+def test_sigstop_past_the_heartbeat_window_refuses_the_stale_result(make_stack: object) -> None:
+    """A frozen worker loses its lease; after SIGCONT its late result is refused and its file removed."""
+    stack: FaultStack = make_stack(workers=2)  # type: ignore[operator]
+    job_ids = stack.submit([f"freeze {i}" for i in range(4)], **SLOW)
+    wait_until(lambda: bool(stack.running(job_ids)), 120, "a running job")
+    frozen = next(
+        name
+        for name in stack.workers
+        if f"claimed job {stack.running(job_ids)[0]}" in stack.stack.log_tail(name, 100_000)
+    )
+    stack.signal(frozen, signal.SIGSTOP)
+    time.sleep(stack.settings.heartbeat_stale_s + 3)  # the reconciler takes the job back
+    stack.signal(frozen, signal.SIGCONT)
+    stack.wait_finished(job_ids, supervise=False)
+    wait_until(lambda: "lease lost" in stack.stack.log_tail(frozen, 100_000), 60, "the stale result refused")
+    counts = assert_exactly_once(stack, job_ids)
+    record("SIGSTOP past the heartbeat", {**counts, "stale_results_refused": 1, "duplicates": 0})
