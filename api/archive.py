@@ -12,13 +12,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from jobs.tables import Batch, Job
-from jobs.views import job_view
+from jobs.views import job_view, not_superseded
 
 
 def build_archive(session: Session, batch: Batch, outputs_dir: Path) -> Path:
     """Write the zip to a temporary file (PNGs are stored, not recompressed) and return its path."""
     jobs = session.scalars(
-        select(Job).where(Job.batch_id == batch.id).order_by(Job.batch_index).options(selectinload(Job.stats))
+        select(Job)
+        .where(Job.batch_id == batch.id, not_superseded())
+        .order_by(Job.batch_index)
+        .options(selectinload(Job.stats))
     ).all()
     descriptor, name = tempfile.mkstemp(prefix="nightrender-", suffix=".zip")
     os.close(descriptor)

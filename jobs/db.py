@@ -73,8 +73,18 @@ def with_retries(
             with transaction(factory) as session:
                 return write(session)
         except (OperationalError, InterfaceError) as error:
-            if time.monotonic() + delay > deadline:
+            if not is_transient(error) or time.monotonic() + delay > deadline:
                 raise
             log.warning("database unavailable (%s); retrying in %.1fs", type(error).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+TRANSIENT_HINTS = ("connect", "connection", "terminat", "shut down", "locked", "server closed", "timeout")
+
+
+def is_transient(error: OperationalError | InterfaceError) -> bool:
+    """A lost connection or a busy database, worth waiting for; not a schema or SQL mistake."""
+    if error.connection_invalidated:
+        return True
+    return any(hint in str(error.orig).lower() for hint in TRANSIENT_HINTS)

@@ -83,7 +83,7 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
-    retry_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    retry_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()

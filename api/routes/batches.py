@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Request, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import UploadFile
 
 from api.archive import build_archive
@@ -20,7 +21,7 @@ from jobs.lifecycle import request_cancel, retry_jobs
 from jobs.queue import Publication
 from jobs.submit import publish_jobs, submit_batch
 from jobs.tables import Batch, Job
-from jobs.views import batch_view
+from jobs.views import batch_view, not_superseded
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
@@ -130,7 +131,7 @@ def list_batch_jobs(batch_id: str, session: SessionDep) -> dict[str, Any]:
     load_batch(session, batch_id)
     rows = session.execute(
         select(Job.id, Job.status, Job.prompt, Job.seed, Job.width, Job.height)
-        .where(Job.batch_id == batch_id)
+        .where(Job.batch_id == batch_id, not_superseded())
         .order_by(Job.batch_index)
     ).all()
     return {"id": batch_id, "jobs": [row._asdict() for row in rows]}
@@ -147,14 +148,17 @@ def get_batch_archive(
     return FileResponse(path, media_type="application/zip", filename=f"batch-{batch_id}.zip")
 
 
-@router.post("/{batch_id}/retry")
+@router.post("/{batch_id}/retry", status_code=status.HTTP_201_CREATED)
 def retry_batch(batch_id: str, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
     """Queue a fresh copy of every failed or cancelled job of the batch (each linked to its original)."""
-    with factory() as session, session.begin():
-        batch = load_batch(session, batch_id)
-        ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
-        created = retry_jobs(session, job_ids=ids)
-        priority = batch.priority
+    try:
+        with factory() as session, session.begin():
+            batch = load_batch(session, batch_id)
+            ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
+            created = retry_jobs(session, job_ids=ids)
+            priority = batch.priority
+    except IntegrityError:
+        raise HTTPException(status_code=409, detail=f"batch {batch_id} is being retried already") from None
     publish_jobs(factory, publisher, [Publication(job_id=job_id, priority=priority) for job_id in created])
     return {"id": batch_id, "retried": len(created), "job_ids": created}
 

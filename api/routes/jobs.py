@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, status
 from fastapi.responses import FileResponse
+from sqlalchemy.exc import IntegrityError
 
 from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep
 from api.errors import not_found
@@ -78,6 +79,18 @@ def get_job_image(job_id: str, session: SessionDep, settings: SettingsDep) -> Fi
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED)
 def retry_job(job_id: str, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
     """Queue a fresh copy of a failed or cancelled job, linked to it by `retry_of`."""
+    try:
+        created, priority = _retry_one(factory, job_id)
+    except IntegrityError:
+        created = []
+    if not created:
+        raise HTTPException(status_code=409, detail=f"job {job_id} was already retried")
+    publish_jobs(factory, publisher, [Publication(job_id=created[0], priority=priority)])
+    return {"id": created[0], "retry_of": job_id, "status": JobStatus.QUEUED.value}
+
+
+def _retry_one(factory: FactoryDep, job_id: str) -> tuple[list[str], int]:
+    """The new job's id (none if it was retried already) and the priority to publish it at."""
     with factory() as session, session.begin():
         job = load_job(session, job_id)
         if job.status not in RETRYABLE:
@@ -85,12 +98,7 @@ def retry_job(job_id: str, factory: FactoryDep, publisher: PublisherDep) -> dict
                 status_code=409,
                 detail=f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried",
             )
-        created = retry_jobs(session, job_ids=[job_id])
-        priority = job.priority
-    if not created:
-        raise HTTPException(status_code=409, detail=f"job {job_id} was already retried")
-    publish_jobs(factory, publisher, [Publication(job_id=created[0], priority=priority)])
-    return {"id": created[0], "retry_of": job_id, "status": JobStatus.QUEUED.value}
+        return retry_jobs(session, job_ids=[job_id]), job.priority
 
 
 @router.post("/{job_id}/cancel")

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import redis
 from sqlalchemy import create_engine, func, select
+from sqlalchemy.exc import DBAPIError
 
 from cli.stack import Stack, worker_command
 from jobs.settings import Settings
@@ -97,7 +98,7 @@ class FaultStack:
         self.settings = settings
         self.stack = Stack(settings)
         self.http = httpx.Client(base_url=settings.resolved_api_url(), timeout=30)
-        self.engine = create_engine(settings.resolved_database_url())
+        self.engine = create_engine(settings.resolved_database_url(), pool_pre_ping=True)
         self.workers: list[str] = []
 
     def start(self, workers: int = 1) -> None:
@@ -142,9 +143,12 @@ class FaultStack:
         return list(response.json()["job_ids"])
 
     def statuses(self, job_ids: list[str]) -> dict[str, str]:
-        """Each job's status, straight from SQL."""
-        with self.engine.connect() as connection:
-            rows = connection.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
+        """Each job's status, straight from SQL ("unknown" while the database is restarting)."""
+        try:
+            with self.engine.connect() as connection:
+                rows = connection.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
+        except DBAPIError:
+            return dict.fromkeys(job_ids, "unknown")
         return {row.id: row.status for row in rows}
 
     def running(self, job_ids: list[str]) -> list[str]:

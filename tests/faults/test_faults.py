@@ -8,7 +8,10 @@ every job ended `succeeded` exactly once with one image and one stats row, and n
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,3 +181,50 @@ def test_sigstop_past_the_heartbeat_window_refuses_the_stale_result(make_stack: 
     wait_until(lambda: "lease lost" in stack.stack.log_tail(frozen, 100_000), 60, "the stale result refused")
     counts = assert_exactly_once(stack, job_ids)
     record("SIGSTOP past the heartbeat", {**counts, "stale_results_refused": 1, "duplicates": 0})
+
+
+def restart_postgres() -> None:
+    """Restart the machine's PostgreSQL cluster (as CI's setup starts it)."""
+    version = sorted(Path("/etc/postgresql").iterdir())[0].name
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("pg_ctlcluster") is None or os.geteuid() != 0,
+    reason="needs root and pg_ctlcluster to restart PostgreSQL",
+)
+def test_postgres_restart_mid_batch(make_stack: object) -> None:
+    """PostgreSQL restarts mid-batch: the worker retries its writes, the API recovers, nothing is lost."""
+    stack: FaultStack = make_stack()  # type: ignore[operator]
+    job_ids = stack.submit([f"postgres restart {i}" for i in range(30)], **{**FAST, "steps": 20})
+    wait_until(lambda: list(stack.statuses(job_ids).values()).count("succeeded") >= 3, 120, "a few done")
+    restart_postgres()
+    stack.wait_finished(job_ids)
+    retried = stack.worker_logs().count("database unavailable")
+    record(
+        "PostgreSQL restart",
+        {
+            **assert_exactly_once(stack, job_ids),
+            "restarts": 1,
+            "worker_write_retries": retried,
+            "duplicates": 0,
+        },
+    )
+
+
+def test_sigterm_is_a_warm_shutdown(make_stack: object) -> None:
+    """SIGTERM mid-job lets the job finish before the worker exits; a restarted worker does the rest."""
+    stack: FaultStack = make_stack()  # type: ignore[operator]
+    job_ids = stack.submit([f"sigterm {i}" for i in range(3)], **SLOW)
+    wait_until(lambda: bool(stack.running(job_ids)), 120, "a running job")
+    running = stack.running(job_ids)[0]
+    stack.signal("w0", signal.SIGTERM)
+    stack.stack.processes["w0"].wait(120)
+    assert stack.statuses([running])[running] == "succeeded"
+    stack.wait_finished(job_ids)
+    record("SIGTERM warm shutdown", {**assert_exactly_once(stack, job_ids), "duplicates": 0})

@@ -425,7 +425,7 @@ def test_with_retries_retries_operational_errors_in_fresh_transactions(
         job_id = insert_job(session, params=PARAMS, priority=0, max_attempts=3).job_ids[0]
         session.flush()
         if calls <= 2:
-            raise OperationalError("x", None, Exception())
+            raise OperationalError("x", None, Exception("connection refused"))
         return job_id
 
     job_id = with_retries(factory, flaky, first_delay_s=0.01)
@@ -442,7 +442,7 @@ def test_with_retries_gives_up_after_its_deadline(factory: sessionmaker[Session]
         """A database that never comes back."""
         nonlocal calls
         calls += 1
-        raise OperationalError("x", None, Exception())
+        raise OperationalError("x", None, Exception("server closed the connection"))
 
     with pytest.raises(OperationalError):
         with_retries(factory, down, timeout_s=0.05, first_delay_s=0.01)
@@ -488,3 +488,18 @@ def test_each_attempt_writes_its_own_image_file(factory: sessionmaker[Session], 
     assert one.name.startswith(job_id) and two.name.startswith(job_id)
     assert one.suffix == two.suffix == ".png"
     assert image_path(outputs, job_id, None, first).parent == outputs / "single"
+
+
+def test_with_retries_does_not_wait_on_a_schema_mistake(database_url: str) -> None:
+    """An OperationalError that is no outage (a missing table) is raised at once, not retried."""
+    factory = make_session_factory(make_engine(database_url))
+    calls = 0
+
+    def broken(_session: Session) -> None:
+        nonlocal calls
+        calls += 1
+        raise OperationalError("select * from nowhere", None, Exception("no such table: nowhere"))
+
+    with pytest.raises(OperationalError):
+        with_retries(factory, broken, timeout_s=30)
+    assert calls == 1
