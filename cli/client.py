@@ -27,10 +27,15 @@ class Client:
         except httpx.HTTPError:
             return False
 
-    def submit_file(self, path: Path, fields: dict[str, str]) -> dict[str, Any]:
-        """Upload a prompt file as a batch."""
+    def submit_file(
+        self, path: Path, fields: dict[str, str], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a prompt file as a batch (the same Idempotency-Key returns the same batch)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with path.open("rb") as stream:
-            response = self.http.post("/v1/batches", files={"file": (path.name, stream)}, data=fields)
+            response = self.http.post(
+                "/v1/batches", files={"file": (path.name, stream)}, data=fields, headers=headers
+            )
         return _json(response)
 
     def batch(self, batch_id: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
         "native", description="diffusers attention backend: native (SDPA), xformers"
     )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time")
+    vae_tiling: Literal["auto", "on", "off"] = Field("auto", description="auto = only when the plan needs it")
     max_attempts: int = Field(3, ge=1)
     max_batch_jobs: int = Field(10_000, ge=1)
     api_host: str = "127.0.0.1"

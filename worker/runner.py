@@ -74,6 +74,7 @@ class EngineHolder:
             budget=self.budget,
             activations=self._activations(model, device),
             reload=lambda: self._load(model, dtype, device),
+            vae_tiling=self._settings.vae_tiling,
         )
         self.loads += 1
         log.info("loaded %s (%s) in %.1fs [load #%d]", model, dtype, loaded.load_seconds, self.loads)

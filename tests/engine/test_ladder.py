@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from jobs.settings import Settings
-from worker.engine import Engine, LadderExhausted, RenderCancelled, RenderRequest, render
+from worker.engine import Engine, EngineError, LadderExhausted, RenderCancelled, RenderRequest, render
 from worker.engine.calibration import DEFAULT_ACTIVATIONS
 from worker.engine.loading import load_pipeline
 from worker.engine.placement import PlannedPlacement, module_bytes
@@ -387,3 +387,22 @@ def test_engine_holder_renders(model_cache: Path, reference: np.ndarray) -> None
     result = held.render(REQUEST)
     assert result.stats.offload_mode == "resident"
     assert np.array_equal(np.array(result.image), reference)
+
+
+@pytest.mark.parametrize(("setting", "tiled"), [("on", True), ("off", False)])
+def test_forced_vae_tiling_keeps_only_matching_planned_rungs(
+    engine: Engine, setting: str, tiled: bool
+) -> None:
+    """VAE_TILING=on/off keeps the planned rungs that tile (or don't); sequential still ends the ladder."""
+    forced = Engine(
+        engine.loaded, mode="auto", budget=HUGE, activations=DEFAULT_ACTIVATIONS, vae_tiling=setting
+    )
+    ladder = forced.ladder(64, 64)
+    assert ladder[-1].rung == "sequential"
+    assert ladder[:-1] and all(plan.vae_tiled == tiled for plan in ladder[:-1])
+
+
+def test_unknown_vae_tiling_is_refused(engine: Engine) -> None:
+    """A typo in VAE_TILING is an error, not a silent default."""
+    with pytest.raises(EngineError, match="vae tiling"):
+        Engine(engine.loaded, mode="auto", budget=HUGE, activations=DEFAULT_ACTIVATIONS, vae_tiling="maybe")

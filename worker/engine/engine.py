@@ -75,6 +75,7 @@ class Engine:
         activations: ActivationModel,
         reload: Callable[[], LoadedPipeline] | None = None,
         speed: SpeedModel | None = None,
+        vae_tiling: str = "auto",
     ) -> None:
         if mode not in ENGINE_MODES:
             raise EngineError(f"offload mode must be one of {ENGINE_MODES}, got {mode!r}")
@@ -83,6 +84,9 @@ class Engine:
         self.budget = budget
         self.activations = activations
         self.speed = speed or DEFAULT_SPEED
+        if vae_tiling not in ("auto", "on", "off"):
+            raise EngineError(f"vae tiling must be auto, on or off, got {vae_tiling!r}")
+        self.vae_tiling = vae_tiling
         self.sizes = measure_sizes(loaded.pipeline)
         self._reload = reload
         self._planned: PlannedPlacement | None = None
@@ -107,6 +111,10 @@ class Engine:
         ladder = plan_ladder(self.sizes, self.activations, self.budget, width, height, speed=self.speed)
         if self.mode == "stream":
             ladder = [p for p in ladder if p.rung != "resident"]
+        if self.vae_tiling != "auto":
+            # A forced setting keeps the planned rungs that tile (on) or not (off); sequential ends both.
+            wanted = self.vae_tiling == "on"
+            ladder = [p for p in ladder if p.rung == "sequential" or p.vae_tiled == wanted]
         return ladder
 
     def place(self, plan: Plan) -> bool:
