@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -60,21 +59,10 @@ def up(model: Model = None) -> None:
 @app.command()
 def api() -> None:
     """Run only the HTTP API (uvicorn), in the foreground."""
-    settings = _settings()
-    os.execv(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "api.app:create_app",
-            "--factory",
-            "--host",
-            settings.api_host,
-            "--port",
-            str(settings.api_port),
-        ],
-    )
+    from cli.stack import api_command
+
+    command = api_command(_settings())
+    os.execv(command[0], command)
 
 
 @app.command()

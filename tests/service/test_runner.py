@@ -1,0 +1,220 @@
+"""Service tests of the worker's JobRunner: a real SQLite database, a real EngineHolder, the tiny model.
+
+Faults are injected only through real torch forward hooks on the loaded pipeline's transformer; every
+hook a test adds is removed before it ends.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
+
+from jobs.controls import set_paused
+from jobs.db import make_engine, make_session_factory, transaction
+from jobs.lifecycle import request_cancel
+from jobs.params import GenerationParams
+from jobs.settings import Settings
+from jobs.submit import insert_job, mark_published
+from jobs.tables import Job, JobStats
+from worker.runner import EngineHolder, JobRunner
+
+pytestmark = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+
+TINY = "synthetic:tiny"
+
+
+def params(dtype: str = "bf16") -> GenerationParams:
+    """A small, fast job on the tiny synthetic model."""
+    return GenerationParams(
+        prompt="a lighthouse on a cliff",
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=0.0,
+        seed=11,
+        model=TINY,
+        dtype=dtype,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """A session factory on the test's migrated database."""
+    engine = make_engine(settings.resolved_database_url())
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def holder(settings: Settings) -> EngineHolder:
+    """A real engine holder on the test's settings (CPU, auto placement)."""
+    return EngineHolder(settings)
+
+
+@pytest.fixture
+def runner(settings: Settings, factory: sessionmaker[Session], holder: EngineHolder) -> JobRunner:
+    """The real job runner over the test's database and holder."""
+    return JobRunner(settings, factory, holder)
+
+
+def new_job(factory: sessionmaker[Session], dtype: str = "bf16") -> str:
+    """Insert one queued job and return its id."""
+    with transaction(factory) as session:
+        return insert_job(session, params=params(dtype), priority=0, max_attempts=3).job_ids[0]
+
+
+def job_row(factory: sessionmaker[Session], job_id: str) -> Job:
+    """The job's row, read in a fresh session."""
+    with factory() as session:
+        return session.get_one(Job, job_id)
+
+
+def stats_row(factory: sessionmaker[Session], job_id: str) -> JobStats | None:
+    """The job's stats row, if any."""
+    with factory() as session:
+        return session.get(JobStats, job_id)
+
+
+def stored_plan(factory: sessionmaker[Session], job_id: str) -> dict[str, Any]:
+    """The job's stored plan JSON."""
+    stats = stats_row(factory, job_id)
+    assert stats is not None and stats.plan is not None
+    record: dict[str, Any] = json.loads(stats.plan)
+    return record
+
+
+def nan_like(value: Any) -> Any:
+    """The same structure with every tensor replaced by NaNs."""
+    if isinstance(value, torch.Tensor):
+        return torch.full_like(value, float("nan"))
+    if isinstance(value, (tuple, list)):
+        return type(value)(nan_like(item) for item in value)
+    return value
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file below a folder (none if it does not exist)."""
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_normal_job_succeeds_with_png_and_stats(
+    runner: JobRunner, factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """A bf16 job renders resident, stores a PNG named by its id and a plan whose last attempt is ok."""
+    job_id = new_job(factory)
+    assert runner.run(job_id) == "succeeded"
+    job = job_row(factory, job_id)
+    assert job.status == "succeeded" and job.attempts == 1 and job.error is None
+    assert job.result_path is not None
+    path = Path(job.result_path)
+    assert path.is_file() and job_id in path.name and path.suffix == ".png"
+    assert path.is_relative_to(settings.resolved_outputs_dir())
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert image.text["nightrender:job_id"] == job_id  # type: ignore[attr-defined]
+    stats = stats_row(factory, job_id)
+    assert stats is not None and stats.offload_mode == "resident"
+    plan = stored_plan(factory, job_id)
+    assert plan["attempts"] and plan["attempts"][-1]["outcome"] == "ok"
+    assert "retry" not in plan
+
+
+def test_fp16_nan_output_is_rendered_again_in_bf16(
+    runner: JobRunner, holder: EngineHolder, factory: sessionmaker[Session]
+) -> None:
+    """NaN from the fp16 transformer makes the runner render again in bf16 and note the retry."""
+    job_id = new_job(factory, dtype="fp16")
+    fp16, _load_s = holder.get(TINY, "fp16")
+    calls = 0
+
+    def poison(_module: nn.Module, _args: Any, output: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return nan_like(output)
+
+    handle = fp16.loaded.pipeline.transformer.register_forward_hook(poison)
+    try:
+        assert runner.run(job_id) == "succeeded"
+    finally:
+        handle.remove()
+    assert calls > 0  # the fault was really injected
+    job = job_row(factory, job_id)
+    assert job.status == "succeeded" and job.result_path and Path(job.result_path).is_file()
+    plan = stored_plan(factory, job_id)
+    assert "bf16" in plan["retry"]
+    assert plan["attempts"][-1]["outcome"] == "ok"
+    assert holder.engine is not None and holder.engine is not fp16
+    assert holder.engine.loaded.dtype == "bf16"
+    assert holder.loads == 2
+
+
+def test_exhausted_ladder_fails_the_job_and_the_worker_lives_on(
+    runner: JobRunner, holder: EngineHolder, factory: sessionmaker[Session]
+) -> None:
+    """OOM on every rung fails the job as resource_exhausted with every attempt listed; the next job runs."""
+    job_id = new_job(factory)
+    engine, _load_s = holder.get(TINY, "bf16")
+    rungs = [plan.rung for plan in engine.ladder(64, 64)]
+
+    def out_of_memory(_module: nn.Module, _args: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("injected")
+
+    handle = engine.loaded.pipeline.transformer.register_forward_pre_hook(out_of_memory)
+    try:
+        assert runner.run(job_id) == "failed"
+    finally:
+        handle.remove()
+    job = job_row(factory, job_id)
+    assert job.status == "failed" and job.result_path is None
+    assert job.error is not None and job.error.startswith("resource_exhausted")
+    stats = stats_row(factory, job_id)
+    assert stats is not None and stats.offload_mode == "exhausted"
+    plan = stored_plan(factory, job_id)
+    assert plan["rung"] == "exhausted"
+    assert [a["rung"] for a in plan["attempts"]] == rungs
+    assert all(a["outcome"].startswith("out of memory") for a in plan["attempts"])
+    assert all("injected" in a["outcome"] for a in plan["attempts"])
+
+    after = new_job(factory)
+    assert runner.run(after) == "succeeded"
+    assert job_row(factory, after).status == "succeeded"
+    assert holder.loads == 1  # the same holder engine carried on; nothing was reloaded through the holder
+
+
+def test_job_cancelled_before_claim_is_skipped(
+    runner: JobRunner, factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """A job cancelled while queued is skipped and writes no image."""
+    job_id = new_job(factory)
+    with transaction(factory) as session:
+        assert request_cancel(session, job_ids=[job_id]) == 1
+    assert runner.run(job_id) == "skipped"
+    job = job_row(factory, job_id)
+    assert job.status == "cancelled" and job.attempts == 0 and job.result_path is None
+    assert stats_row(factory, job_id) is None
+    assert files_under(settings.resolved_outputs_dir()) == []
+
+
+def test_paused_queue_hands_the_job_back(
+    runner: JobRunner, holder: EngineHolder, factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """While paused the job stays queued, unpublished and unattempted, and nothing is loaded or written."""
+    job_id = new_job(factory)
+    mark_published(factory, [job_id])
+    assert job_row(factory, job_id).published_at is not None
+    with transaction(factory) as session:
+        set_paused(session, True)
+    assert runner.run(job_id) == "paused"
+    job = job_row(factory, job_id)
+    assert job.status == "queued" and job.published_at is None
+    assert job.attempts == 0 and job.lease_token is None and job.started_at is None
+    assert holder.loads == 0
+    assert files_under(settings.resolved_outputs_dir()) == []
