@@ -199,3 +199,28 @@ def retry_jobs(session: Session, *, job_ids: list[str]) -> list[str]:
         session.add(copy)
         created.append(copy.id)
     return created
+
+
+def groupmates(session: Session, *, claim: Claim, limit: int) -> list[str]:
+    """Queued jobs that can share this job's text-encoder pass: same model and dtype, no guidance.
+
+    Only first attempts are grouped: a job that already crashed a worker runs alone, so a poison job
+    cannot take healthy jobs down with it twice.
+    """
+    if limit <= 0 or claim.params.guidance_scale > 0 or claim.attempt > 1:
+        return []
+    rows = session.scalars(
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.model == claim.params.model,
+            Job.dtype == claim.params.dtype,
+            Job.guidance_scale == 0,
+            Job.attempts == 0,
+            Job.cancel_requested.is_(False),
+            Job.id != claim.job_id,
+        )
+        .order_by(Job.priority.desc(), Job.created_at, Job.batch_index)
+        .limit(limit)
+    ).all()
+    return list(rows)

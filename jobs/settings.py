@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         "native", description="diffusers attention backend: native (SDPA), xformers"
     )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time")
+    encode_group_size: int = Field(
+        4, ge=1, le=32, description="queued jobs that share one text-encoder pass (1 = no grouping)"
+    )
     vae_tiling: Literal["auto", "on", "off"] = Field("auto", description="auto = only when the plan needs it")
     max_attempts: int = Field(3, ge=1)
     max_batch_jobs: int = Field(10_000, ge=1)

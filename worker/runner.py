@@ -8,10 +8,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.controls import is_paused
@@ -23,74 +25,21 @@ from jobs.lifecycle import (
     fail_if_exhausted,
     fail_job,
     finish_job,
+    groupmates,
     hand_back,
     heartbeat,
     record_progress,
 )
 from jobs.params import GenerationParams
 from jobs.settings import Settings
-from worker.engine import EngineError, LoadedPipeline, RenderCancelled, RenderRequest, RenderStats
-from worker.engine.budget import apply_device_cap, resolve_budget
-from worker.engine.calibration import DEFAULT_ACTIVATIONS
+from worker.engine import EngineError, RenderCancelled, RenderRequest, RenderStats
 from worker.engine.engine import Engine, LadderExhausted, release_memory
-from worker.engine.loading import configure_attention, load_pipeline, pick_device
+from worker.engine.loading import pick_device
 from worker.engine.memory import device_name
-from worker.engine.plan import ActivationModel, Budget, calibrated_scale, with_scale
+from worker.holder import EngineHolder
 from worker.outputs import image_path, png_metadata, save_png_atomically
 
 log = logging.getLogger(__name__)
-
-
-class EngineHolder:
-    """Keeps one engine loaded across jobs; loads another only when a job names another model or dtype.
-
-    The VRAM budget becomes the allocator cap once, before the first weights load, so `auto` measures
-    the card's free memory as the user left it.
-    """
-
-    def __init__(self, settings: Settings, history: Callable[[str, str], list[Any]] | None = None) -> None:
-        self._settings = settings
-        self._history = history
-        self.engine: Engine | None = None
-        self.loads = 0
-        self.budget: Budget | None = None
-
-    def get(self, model: str, dtype: str) -> tuple[Engine, float]:
-        """The engine for (model, dtype) and the seconds spent loading it for this call (0 if reused)."""
-        if self.engine and (self.engine.loaded.model, self.engine.loaded.dtype) == (model, dtype):
-            return self.engine, 0.0
-        self.engine = None  # drop the old pipeline before loading the new one, to free its memory
-        release_memory(pick_device())
-        device = pick_device()
-        if self.budget is None:
-            self.budget = resolve_budget(
-                self._settings.vram_budget_gb, self._settings.host_ram_budget_gb, device
-            )
-            apply_device_cap(self.budget, device)
-        loaded = self._load(model, dtype, device)
-        self.engine = Engine(
-            loaded,
-            mode=self._settings.offload_mode,
-            budget=self.budget,
-            activations=self._activations(model, device),
-            reload=lambda: self._load(model, dtype, device),
-            vae_tiling=self._settings.vae_tiling,
-        )
-        self.loads += 1
-        log.info("loaded %s (%s) in %.1fs [load #%d]", model, dtype, loaded.load_seconds, self.loads)
-        return self.engine, loaded.load_seconds
-
-    def _load(self, model: str, dtype: str, device: Any) -> LoadedPipeline:
-        loaded = load_pipeline(model, dtype=dtype, cache_dir=self._settings.model_cache_dir, device=device)
-        configure_attention(loaded, self._settings.attention_backend, vae_slicing=self._settings.vae_slicing)
-        return loaded
-
-    def _activations(self, model: str, device: Any) -> ActivationModel:
-        records = self._history(model, device_name(device)) if self._history else []
-        scale = calibrated_scale(records)
-        if records:
-            log.info("activation estimates scaled by %.3f from %d recorded jobs", scale, len(records))
-        return with_scale(DEFAULT_ACTIVATIONS, scale)
 
 
 def to_request(params: GenerationParams) -> RenderRequest:
@@ -124,13 +73,27 @@ class JobRunner:
         self._holder = holder
 
     def run(self, job_id: str) -> str:
-        """Run a job if we can claim it; returns what happened, for the log."""
+        """Run a job if we can claim it, with queued groupmates that share its text-encoder pass."""
         claim = with_retries(self._factory, lambda session: self._claim(session, job_id))
         if isinstance(claim, str):
             return claim
-        log.info("claimed job %s (attempt %d)", job_id, claim.attempt)
-        with self._heartbeating(claim):
-            return self._render_claimed(claim)
+        claims = [claim, *self._claim_groupmates(claim)]
+        for each in claims:
+            log.info("claimed job %s (attempt %d)", each.job_id, each.attempt)
+        with self._heartbeating(claims):
+            embeds = encode_group(self._holder, claims) if len(claims) > 1 else {}
+            outcomes = [self._render_claimed(each, embeds.get(each.job_id)) for each in claims]
+        return outcomes[0] if len(claims) == 1 else f"{outcomes[0]} (+{len(claims) - 1} grouped)"
+
+    def _claim_groupmates(self, claim: Claim) -> list[Claim]:
+        """Claim up to ENCODE_GROUP_SIZE - 1 compatible queued jobs; their own messages will be skipped."""
+
+        def claim_some(session: Session) -> list[Claim]:
+            ids = groupmates(session, claim=claim, limit=self._settings.encode_group_size - 1)
+            claimed = (claim_job(session, job_id=job_id) for job_id in ids)
+            return [c for c in claimed if c is not None]
+
+        return with_retries(self._factory, claim_some)
 
     def _claim(self, session: Session, job_id: str) -> Claim | str:
         if is_paused(session):
@@ -142,22 +105,22 @@ class JobRunner:
         return claim
 
     @contextmanager
-    def _heartbeating(self, claim: Claim) -> Iterator[None]:
-        """Beat every HEARTBEAT_INTERVAL_S while the job runs, so a long load or step is not taken as dead."""
+    def _heartbeating(self, claims: list[Claim]) -> Iterator[None]:
+        """Beat every HEARTBEAT_INTERVAL_S for each claimed job: a long load or step is not death."""
         stop = threading.Event()
+
+        def beat_all(session: Session) -> None:
+            for claim in claims:
+                heartbeat(session, job_id=claim.job_id, lease_token=claim.lease_token)
 
         def beat() -> None:
             while not stop.wait(self._settings.heartbeat_interval_s):
                 try:
-                    with_retries(
-                        self._factory,
-                        lambda s: heartbeat(s, job_id=claim.job_id, lease_token=claim.lease_token),
-                        timeout_s=self._settings.heartbeat_interval_s,
-                    )
+                    with_retries(self._factory, beat_all, timeout_s=self._settings.heartbeat_interval_s)
                 except Exception:  # a missed beat is survivable; the next one may land
-                    log.warning("heartbeat for job %s failed", claim.job_id, exc_info=True)
+                    log.warning("heartbeat for jobs %s failed", [c.job_id for c in claims], exc_info=True)
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{claim.job_id[:8]}", daemon=True)
+        thread = threading.Thread(target=beat, name=f"heartbeat-{claims[0].job_id[:8]}", daemon=True)
         thread.start()
         try:
             yield
@@ -165,10 +128,10 @@ class JobRunner:
             stop.set()
             thread.join(timeout=5)
 
-    def _render_claimed(self, claim: Claim) -> str:
+    def _render_claimed(self, claim: Claim, shared: SharedEncoding | None = None) -> str:
         stats: RenderStats | None = None
         try:
-            result, load_s = self._render(claim)
+            result, load_s = self._render(claim, shared)
             stats = result.stats
             stats.load_s += load_s
             return self._store_success(claim, result.image, stats)
@@ -184,11 +147,17 @@ class JobRunner:
             message = f"{type(error).__name__}: {error}"
             return self._store(fail_job, claim, error=message, stats=stats_columns(stats)) or "failed"
 
-    def _render(self, claim: Claim) -> tuple[Any, float]:
+    def _render(self, claim: Claim, shared: SharedEncoding | None = None) -> tuple[Any, float]:
         """Render on the job's dtype; fp16 output that is NaN or black is rendered again in bf16."""
         engine, load_s = self._holder.get(claim.params.model, claim.params.dtype)
         request = to_request(claim.params)
-        result = engine.render(request, on_step=self._step_writer(claim))
+        embeds = shared.embeds if shared else None
+        result = engine.render(request, on_step=self._step_writer(claim), embeds=embeds)
+        if shared is not None:
+            result.stats.encode_s = shared.seconds  # this job's share of the group's encoder pass
+            result.stats.plan = note_retry(
+                result.stats.plan, f"encoded with {shared.group} jobs", key="group"
+            )
         if result.output_bad and claim.params.dtype == "fp16":
             log.warning("job %s: fp16 output was NaN or black; rendering again in bf16", claim.job_id)
             engine, reload_s = self._holder.get(claim.params.model, "bf16")
@@ -255,3 +224,41 @@ def note_retry(plan: str | None, note: str, key: str = "retry") -> str:
     record = json.loads(plan) if plan else {}
     record[key] = note
     return json.dumps(record)
+
+
+@dataclass(frozen=True)
+class SharedEncoding:
+    """One job's prompt embeddings from a group's single text-encoder pass, and its share of the time."""
+
+    embeds: tuple[list[Any], list[Any]]
+    seconds: float
+    group: int
+
+
+def encode_group(holder: EngineHolder, claims: list[Claim]) -> dict[str, SharedEncoding]:
+    """Encode every claimed job's prompt in one pass of the (streamed) text encoder.
+
+    Streaming the encoder's 7 GB once per group instead of once per job is most of the difference
+    between single and queued jobs in bench/RESULTS.md. An out-of-memory error here just means each
+    job encodes on its own.
+    """
+    first = claims[0].params
+    engine, _ = holder.get(first.model, first.dtype)
+    started = time.perf_counter()
+    positive = _encode_or_none(engine, [c.params.prompt for c in claims], first.width, first.height)
+    if positive is None:
+        release_memory(engine.device)
+        return {}
+    share = (time.perf_counter() - started) / len(claims)
+    return {
+        claim.job_id: SharedEncoding(embeds=([positive[i]], []), seconds=share, group=len(claims))
+        for i, claim in enumerate(claims)
+    }
+
+
+def _encode_or_none(engine: Engine, prompts: list[str], width: int, height: int) -> list[Any] | None:
+    try:
+        positive, _negative = engine.encode(prompts, None, 0.0, width, height)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    return list(positive)

@@ -63,6 +63,8 @@ def test_batch_renders_end_to_end(stack: Stack, settings: Settings) -> None:
     for index, job_id in enumerate(job_ids):
         check_job_and_image(http, job_id, PROMPTS[index // len(SIZES)], SIZES[index % len(SIZES)])
     assert stats_rows(settings) == len(job_ids)
+    plans = [http.get(f"/v1/jobs/{job_id}").json()["memory"]["plan"] or "" for job_id in job_ids]
+    assert any("encoded with" in plan for plan in plans), "queued jobs should share text-encoder passes"
     assert "load #2" not in stack.log_tail("worker", 2000), "the pipeline must load once per worker"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
@@ -218,3 +219,23 @@ def test_paused_queue_hands_the_job_back(
     assert job.attempts == 0 and job.lease_token is None and job.started_at is None
     assert holder.loads == 0
     assert files_under(settings.resolved_outputs_dir()) == []
+
+
+def test_queued_jobs_share_one_text_encoder_pass(runner: JobRunner, factory: sessionmaker[Session]) -> None:
+    """One message renders its job and claims compatible queued ones; their own messages are then skipped."""
+    ids = [new_job(factory) for _ in range(3)]
+    assert runner.run(ids[0]) == "succeeded (+2 grouped)"
+    for job_id in ids:
+        assert job_row(factory, job_id).status == "succeeded"
+        assert stored_plan(factory, job_id)["group"] == "encoded with 3 jobs"
+    assert runner.run(ids[1]) == "skipped"
+
+
+def test_a_retried_job_runs_alone(runner: JobRunner, factory: sessionmaker[Session]) -> None:
+    """A job that already used an attempt (it may have crashed a worker) neither groups nor is grouped."""
+    crashed, fresh = new_job(factory), new_job(factory)
+    with transaction(factory) as session:
+        session.execute(update(Job).where(Job.id == crashed).values(attempts=1))
+    assert runner.run(crashed) == "succeeded"
+    assert job_row(factory, fresh).status == "queued"
+    assert "group" not in stored_plan(factory, crashed)

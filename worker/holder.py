@@ -1,0 +1,69 @@
+"""Keeping one engine loaded in a worker process, under the budget the settings give."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from jobs.settings import Settings
+from worker.engine.budget import apply_device_cap, resolve_budget
+from worker.engine.calibration import DEFAULT_ACTIVATIONS
+from worker.engine.engine import Engine, release_memory
+from worker.engine.loading import LoadedPipeline, configure_attention, load_pipeline, pick_device
+from worker.engine.memory import device_name
+from worker.engine.plan import ActivationModel, Budget, calibrated_scale, with_scale
+
+log = logging.getLogger(__name__)
+
+
+class EngineHolder:
+    """Keeps one engine loaded across jobs; loads another only when a job names another model or dtype.
+
+    The VRAM budget becomes the allocator cap once, before the first weights load, so `auto` measures
+    the card's free memory as the user left it.
+    """
+
+    def __init__(self, settings: Settings, history: Callable[[str, str], list[Any]] | None = None) -> None:
+        self._settings = settings
+        self._history = history
+        self.engine: Engine | None = None
+        self.loads = 0
+        self.budget: Budget | None = None
+
+    def get(self, model: str, dtype: str) -> tuple[Engine, float]:
+        """The engine for (model, dtype) and the seconds spent loading it for this call (0 if reused)."""
+        if self.engine and (self.engine.loaded.model, self.engine.loaded.dtype) == (model, dtype):
+            return self.engine, 0.0
+        self.engine = None  # drop the old pipeline before loading the new one, to free its memory
+        release_memory(pick_device())
+        device = pick_device()
+        if self.budget is None:
+            self.budget = resolve_budget(
+                self._settings.vram_budget_gb, self._settings.host_ram_budget_gb, device
+            )
+            apply_device_cap(self.budget, device)
+        loaded = self._load(model, dtype, device)
+        self.engine = Engine(
+            loaded,
+            mode=self._settings.offload_mode,
+            budget=self.budget,
+            activations=self._activations(model, device),
+            reload=lambda: self._load(model, dtype, device),
+            vae_tiling=self._settings.vae_tiling,
+        )
+        self.loads += 1
+        log.info("loaded %s (%s) in %.1fs [load #%d]", model, dtype, loaded.load_seconds, self.loads)
+        return self.engine, loaded.load_seconds
+
+    def _load(self, model: str, dtype: str, device: Any) -> LoadedPipeline:
+        loaded = load_pipeline(model, dtype=dtype, cache_dir=self._settings.model_cache_dir, device=device)
+        configure_attention(loaded, self._settings.attention_backend, vae_slicing=self._settings.vae_slicing)
+        return loaded
+
+    def _activations(self, model: str, device: Any) -> ActivationModel:
+        records = self._history(model, device_name(device)) if self._history else []
+        scale = calibrated_scale(records)
+        if records:
+            log.info("activation estimates scaled by %.3f from %d recorded jobs", scale, len(records))
+        return with_scale(DEFAULT_ACTIVATIONS, scale)
