@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, case, select, update
 from sqlalchemy.orm import Session
 
 from jobs.params import GenerationParams
@@ -209,6 +209,9 @@ def groupmates(session: Session, *, claim: Claim, limit: int) -> list[str]:
     """
     if limit <= 0 or claim.params.guidance_scale > 0 or claim.attempt > 1:
         return []
+    # Within a priority, jobs of the claimed job's size first: the worker's placement and compiled
+    # shapes already suit them.
+    same_size = and_(Job.width == claim.params.width, Job.height == claim.params.height)
     rows = session.scalars(
         select(Job.id)
         .where(
@@ -220,7 +223,18 @@ def groupmates(session: Session, *, claim: Claim, limit: int) -> list[str]:
             Job.cancel_requested.is_(False),
             Job.id != claim.job_id,
         )
-        .order_by(Job.priority.desc(), Job.created_at, Job.batch_index)
+        .order_by(Job.priority.desc(), case((same_size, 0), else_=1), Job.created_at, Job.batch_index)
         .limit(limit)
     ).all()
     return list(rows)
+
+
+def queued_sizes(session: Session, *, model: str, dtype: str, limit: int = 16) -> list[tuple[int, int]]:
+    """Distinct sizes of the jobs queued for a model and dtype, largest first (the worker plans for them)."""
+    rows = session.execute(
+        select(Job.width, Job.height)
+        .where(Job.status == JobStatus.QUEUED, Job.model == model, Job.dtype == dtype)
+        .distinct()
+        .limit(limit)
+    ).all()
+    return sorted(((int(w), int(h)) for w, h in rows), key=lambda size: size[0] * size[1], reverse=True)

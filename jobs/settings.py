@@ -49,7 +49,20 @@ class Settings(BaseSettings):
     encode_group_size: int = Field(
         4, ge=1, le=32, description="queued jobs that share one text-encoder pass (1 = no grouping)"
     )
+    max_reorder_wait_s: float = Field(
+        180.0,
+        ge=0,
+        description="a queued job passed over for a same-size job runs after waiting this long past its turn "
+        "(0 = strict FIFO)",
+    )
     vae_tiling: Literal["auto", "on", "off"] = Field("auto", description="auto = only when the plan needs it")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="compile the transformer's blocks; auto = on for CUDA with a real or full-size model",
+    )
+    image_writer_queue: int = Field(
+        2, ge=1, le=64, description="rendered images waiting for the PNG writer before rendering pauses"
+    )
     max_attempts: int = Field(3, ge=1)
     max_batch_jobs: int = Field(10_000, ge=1)
     api_host: str = "127.0.0.1"

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutdown
 
 from jobs.calibration import recent_plan_peaks
 from jobs.db import make_engine, make_session_factory
@@ -59,14 +59,22 @@ def load_pipeline_at_start(**_: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         _holder.get(settings.resolved_worker_model(), settings.worker_dtype)
+        runner().warm_up()  # placement and compilation for the queued sizes, before " ready."
     except EngineError as error:
         log.error("nightrender worker cannot start: %s", error)
         raise SystemExit(2) from None
 
 
+@worker_shutdown.connect
+def write_rendered_images(**_: Any) -> None:
+    """Warm shutdown: images already rendered are written and committed before the process exits."""
+    if _runner is not None:
+        _runner.close()
+
+
 @app.task(name=RENDER_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def render_job(job_id: str) -> str:
-    """Claim the job in SQL, render it and store the outcome; a duplicate delivery is a no-op."""
+    """Claim a job in SQL and render it; the image writer stores it. A duplicate delivery is a no-op."""
     outcome = runner().run(job_id)
     log.info("job %s: %s", job_id, outcome)
     return outcome

@@ -17,6 +17,16 @@ from worker.engine.plan import ActivationModel, Budget, calibrated_scale, with_s
 log = logging.getLogger(__name__)
 
 
+DEFAULT_WARM_UP_SIZE = (1024, 1024)
+
+
+def should_compile(setting: str, model: str, device: Any) -> bool:
+    """COMPILE=auto compiles on CUDA for real and full-size models, never for the tiny CPU model."""
+    if setting != "auto":
+        return setting == "on"
+    return bool(device.type == "cuda" and model != "synthetic:tiny")
+
+
 class EngineHolder:
     """Keeps one engine loaded across jobs; loads another only when a job names another model or dtype.
 
@@ -51,10 +61,20 @@ class EngineHolder:
             activations=self._activations(model, device),
             reload=lambda: self._load(model, dtype, device),
             vae_tiling=self._settings.vae_tiling,
+            compile=should_compile(self._settings.compile, model, device),
         )
         self.loads += 1
         log.info("loaded %s (%s) in %.1fs [load #%d]", model, dtype, loaded.load_seconds, self.loads)
         return self.engine, loaded.load_seconds
+
+    def warm_up(self, model: str, dtype: str, sizes: list[tuple[int, int]]) -> float:
+        """Load, place and compile before the first job, for the sizes the worker expects; seconds spent."""
+        engine, _ = self.get(model, dtype)
+        if not engine.compile:
+            return 0.0  # eager placement is quick; the first job does it
+        seconds = engine.warm_up(sizes or [DEFAULT_WARM_UP_SIZE])
+        log.info("warmed up %s for %s in %.1fs", model, sizes or [DEFAULT_WARM_UP_SIZE], seconds)
+        return seconds
 
     def _load(self, model: str, dtype: str, device: Any) -> LoadedPipeline:
         loaded = load_pipeline(model, dtype=dtype, cache_dir=self._settings.model_cache_dir, device=device)

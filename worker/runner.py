@@ -6,14 +6,10 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.controls import is_paused
@@ -24,20 +20,20 @@ from jobs.lifecycle import (
     claim_job,
     fail_if_exhausted,
     fail_job,
-    finish_job,
     groupmates,
     hand_back,
-    heartbeat,
-    record_progress,
+    queued_sizes,
 )
+from jobs.ordering import PassedOver, Preference, next_job_ids
 from jobs.params import GenerationParams
 from jobs.settings import Settings
 from worker.engine import EngineError, RenderCancelled, RenderRequest, RenderStats
-from worker.engine.engine import Engine, LadderExhausted, release_memory
+from worker.engine.engine import LadderExhausted
 from worker.engine.loading import pick_device
 from worker.engine.memory import device_name
 from worker.holder import EngineHolder
-from worker.outputs import image_path, png_metadata, save_png_atomically
+from worker.leases import LeaseKeeper
+from worker.writer import ImageWriter, RenderedImage
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +61,67 @@ def stats_columns(stats: RenderStats | None) -> dict[str, Any] | None:
 
 
 class JobRunner:
-    """Claims, renders and records jobs for one worker process."""
+    """Claims and renders jobs for one worker process; an ImageWriter stores what it renders."""
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session], holder: EngineHolder) -> None:
         self._settings = settings
         self._factory = factory
         self._holder = holder
+        self.leases = LeaseKeeper(factory, settings.heartbeat_interval_s)
+        self.writer = ImageWriter(
+            factory, self.leases, settings.resolved_outputs_dir(), capacity=settings.image_writer_queue
+        )
+        self._preference: Preference | None = None
+        self._passed_over = PassedOver()
+        self._sizes_ahead = QueuedSizes(factory)
 
     def run(self, job_id: str) -> str:
-        """Run a job if we can claim it, with queued groupmates that share its text-encoder pass."""
+        """Claim the best queued job this message wakes us for, with groupmates that share its encoding.
+
+        A message only wakes the worker (SQL is the truth): the job claimed is the best one queued, by
+        priority, then the size the worker just rendered, then age, so it may not be `job_id` itself.
+        """
         claim = with_retries(self._factory, lambda session: self._claim(session, job_id))
         if isinstance(claim, str):
             return claim
         claims = [claim, *self._claim_groupmates(claim)]
         for each in claims:
             log.info("claimed job %s (attempt %d)", each.job_id, each.attempt)
-        with self._heartbeating(claims):
-            embeds = encode_group(self._holder, claims) if len(claims) > 1 else {}
-            outcomes = [self._render_claimed(each, embeds.get(each.job_id)) for each in claims]
+            self.leases.hold(each)
+        embeds = self._encode_group(claims) if len(claims) > 1 else {}
+        outcomes = [self._render_claimed(each, embeds.get(each.job_id)) for each in claims]
         return outcomes[0] if len(claims) == 1 else f"{outcomes[0]} (+{len(claims) - 1} grouped)"
+
+    def drain(self) -> None:
+        """Wait until every rendered image is written and committed."""
+        self.writer.drain()
+
+    def close(self) -> None:
+        """Warm shutdown: write what is rendered, then stop the writer and lease threads."""
+        self.writer.close()
+        self.leases.close()
+
+    def warm_up(self) -> float:
+        """Load, place and compile the worker's model for the sizes queued for it (seconds spent)."""
+        model, dtype = self._settings.resolved_worker_model(), self._settings.worker_dtype
+        return self._holder.warm_up(model, dtype, self._sizes_ahead.get(model, dtype)[:2])
+
+    def _claim(self, session: Session, job_id: str) -> Claim | str:
+        if is_paused(session):
+            hand_back(session, job_id=job_id)  # resume republishes it; nothing is lost
+            return "paused"
+        candidates = next_job_ids(
+            session,
+            preference=self._preference,
+            passed_over=self._passed_over,
+            max_wait_s=self._settings.max_reorder_wait_s,
+            now=time.monotonic(),
+        )
+        for candidate in candidates:
+            claim = claim_job(session, job_id=candidate)
+            if claim is not None:
+                return claim
+        return "exhausted" if fail_if_exhausted(session, job_id=job_id) else "skipped"
 
     def _claim_groupmates(self, claim: Claim) -> list[Claim]:
         """Claim up to ENCODE_GROUP_SIZE - 1 compatible queued jobs; their own messages will be skipped."""
@@ -95,61 +133,49 @@ class JobRunner:
 
         return with_retries(self._factory, claim_some)
 
-    def _claim(self, session: Session, job_id: str) -> Claim | str:
-        if is_paused(session):
-            hand_back(session, job_id=job_id)  # resume republishes it; nothing is lost
-            return "paused"
-        claim = claim_job(session, job_id=job_id)
-        if claim is None:
-            return "exhausted" if fail_if_exhausted(session, job_id=job_id) else "skipped"
-        return claim
-
-    @contextmanager
-    def _heartbeating(self, claims: list[Claim]) -> Iterator[None]:
-        """Beat every HEARTBEAT_INTERVAL_S for each claimed job: a long load or step is not death."""
-        stop = threading.Event()
-
-        def beat_all(session: Session) -> None:
-            for claim in claims:
-                heartbeat(session, job_id=claim.job_id, lease_token=claim.lease_token)
-
-        def beat() -> None:
-            while not stop.wait(self._settings.heartbeat_interval_s):
-                try:
-                    with_retries(self._factory, beat_all, timeout_s=self._settings.heartbeat_interval_s)
-                except Exception:  # a missed beat is survivable; the next one may land
-                    log.warning("heartbeat for jobs %s failed", [c.job_id for c in claims], exc_info=True)
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{claims[0].job_id[:8]}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+    def _encode_group(self, claims: list[Claim]) -> dict[str, SharedEncoding]:
+        """Encode every claimed job's prompt in one pass of the (streamed) text encoder."""
+        first = claims[0].params
+        engine, _ = self._holder.get(first.model, first.dtype)
+        engine.expect(self._sizes_ahead.get(first.model, first.dtype))
+        started = time.perf_counter()
+        embeds = engine.encode_group([c.params.prompt for c in claims], first.width, first.height)
+        if embeds is None:
+            return {}
+        share = (time.perf_counter() - started) / len(claims)
+        return {
+            claim.job_id: SharedEncoding(embeds=each, seconds=share, group=len(claims))
+            for claim, each in zip(claims, embeds, strict=True)
+        }
 
     def _render_claimed(self, claim: Claim, shared: SharedEncoding | None = None) -> str:
         stats: RenderStats | None = None
         try:
             result, load_s = self._render(claim, shared)
-            stats = result.stats
-            stats.load_s += load_s
-            return self._store_success(claim, result.image, stats)
+            result.stats.load_s += load_s
+            self._preference = Preference.of(claim.params)
+            self.writer.submit(
+                RenderedImage(claim, result.image, result.stats, stats_columns(result.stats) or {})
+            )
+            return "rendered"
         except RenderCancelled:
-            return self._store(cancel_running_job, claim, stats=stats_columns(stats)) or "cancelled"
+            outcome = self._store(cancel_running_job, claim, stats=stats_columns(stats)) or "cancelled"
         except LadderExhausted as error:
             stats = exhausted_stats(error)
-            return self._store(fail_job, claim, error=str(error), stats=stats_columns(stats)) or "failed"
+            outcome = self._store(fail_job, claim, error=str(error), stats=stats_columns(stats)) or "failed"
         except EngineError as error:
-            return self._store(fail_job, claim, error=str(error), stats=None) or "failed"
+            outcome = self._store(fail_job, claim, error=str(error), stats=None) or "failed"
         except Exception as error:
             log.exception("job %s failed", claim.job_id)
             message = f"{type(error).__name__}: {error}"
-            return self._store(fail_job, claim, error=message, stats=stats_columns(stats)) or "failed"
+            outcome = self._store(fail_job, claim, error=message, stats=stats_columns(stats)) or "failed"
+        self.leases.release(claim.job_id)
+        return outcome
 
     def _render(self, claim: Claim, shared: SharedEncoding | None = None) -> tuple[Any, float]:
         """Render on the job's dtype; fp16 output that is NaN or black is rendered again in bf16."""
         engine, load_s = self._holder.get(claim.params.model, claim.params.dtype)
+        engine.expect(self._sizes_ahead.get(claim.params.model, claim.params.dtype))
         request = to_request(claim.params)
         embeds = shared.embeds if shared else None
         result = engine.render(request, on_step=self._step_writer(claim), embeds=embeds)
@@ -176,37 +202,32 @@ class JobRunner:
         def write_step(step: int, _total: int) -> bool:
             if poisoned:
                 os._exit(1)  # testing only (FAULT_EXIT_ON_PROMPT): die mid-job like a crashed worker
-            return with_retries(
-                self._factory,
-                lambda s: record_progress(s, job_id=claim.job_id, lease_token=claim.lease_token, step=step),
-            )
+            return self.leases.step(claim.job_id, step)
 
         return write_step
-
-    def _store_success(self, claim: Claim, image: Any, stats: RenderStats) -> str:
-        path = image_path(
-            self._settings.resolved_outputs_dir(), claim.job_id, claim.batch_id, claim.lease_token
-        )
-        started = time.perf_counter()
-        save_png_atomically(image, path, png_metadata(claim.job_id, claim.params))
-        stats.save_s = time.perf_counter() - started
-        values = stats_columns(stats) or {}
-        stored = with_retries(
-            self._factory,
-            lambda s: finish_job(
-                s, job_id=claim.job_id, lease_token=claim.lease_token, result_path=str(path), stats=values
-            ),
-        )
-        if not stored:
-            path.unlink(missing_ok=True)  # our lease was taken back: this attempt's image is nobody's
-            return "lease lost"
-        return "succeeded"
 
     def _store(self, write: Any, claim: Claim, **values: Any) -> str | None:
         stored = with_retries(
             self._factory, lambda s: write(s, job_id=claim.job_id, lease_token=claim.lease_token, **values)
         )
         return None if stored else "lease lost"
+
+
+class QueuedSizes:
+    """The sizes queued for a model, read at most every few seconds (the engine plans for the largest)."""
+
+    def __init__(self, factory: sessionmaker[Session], max_age_s: float = 10.0) -> None:
+        self._factory = factory
+        self._max_age_s = max_age_s
+        self._cache: dict[tuple[str, str], tuple[float, list[tuple[int, int]]]] = {}
+
+    def get(self, model: str, dtype: str) -> list[tuple[int, int]]:
+        """Distinct queued sizes for this model and dtype, largest first."""
+        read_at, sizes = self._cache.get((model, dtype), (-1e9, []))
+        if time.monotonic() - read_at > self._max_age_s:
+            sizes = with_retries(self._factory, lambda s: queued_sizes(s, model=model, dtype=dtype))
+            self._cache[(model, dtype)] = (time.monotonic(), sizes)
+        return sizes
 
 
 def exhausted_stats(error: LadderExhausted) -> RenderStats:
@@ -233,32 +254,3 @@ class SharedEncoding:
     embeds: tuple[list[Any], list[Any]]
     seconds: float
     group: int
-
-
-def encode_group(holder: EngineHolder, claims: list[Claim]) -> dict[str, SharedEncoding]:
-    """Encode every claimed job's prompt in one pass of the (streamed) text encoder.
-
-    Streaming the encoder's 7 GB once per group instead of once per job is most of the difference
-    between single and queued jobs in bench/RESULTS.md. An out-of-memory error here just means each
-    job encodes on its own.
-    """
-    first = claims[0].params
-    engine, _ = holder.get(first.model, first.dtype)
-    started = time.perf_counter()
-    positive = _encode_or_none(engine, [c.params.prompt for c in claims], first.width, first.height)
-    if positive is None:
-        release_memory(engine.device)
-        return {}
-    share = (time.perf_counter() - started) / len(claims)
-    return {
-        claim.job_id: SharedEncoding(embeds=([positive[i]], []), seconds=share, group=len(claims))
-        for i, claim in enumerate(claims)
-    }
-
-
-def _encode_or_none(engine: Engine, prompts: list[str], width: int, height: int) -> list[Any] | None:
-    try:
-        positive, _negative = engine.encode(prompts, None, 0.0, width, height)
-    except torch.cuda.OutOfMemoryError:
-        return None
-    return list(positive)

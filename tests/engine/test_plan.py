@@ -601,7 +601,9 @@ def test_plan_record_keys_and_values() -> None:
         "predicted_peak_bytes",
         "resident_weight_bytes",
         "pinned_host_bytes",
+        "streamed_bytes_per_step",
     }
+    assert stored["streamed_bytes_per_step"] == (BLOCKS - 15) * BLOCK
     # 8 GB at 1024x1024: stream_tiled keeping 15 blocks. Weights 6_098_853_550 bytes (5.68 GB: the
     # transformer's rest, 15 blocks, the VAE, the encoder's rest), peak 7_766_744_967 (7.23 GB: the
     # denoise phase, 0.47 GB of activations plus 3 blocks in flight, is the largest), pinned 15_075_335_168.

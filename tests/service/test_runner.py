@@ -61,9 +61,18 @@ def holder(settings: Settings) -> EngineHolder:
 
 
 @pytest.fixture
-def runner(settings: Settings, factory: sessionmaker[Session], holder: EngineHolder) -> JobRunner:
-    """The real job runner over the test's database and holder."""
-    return JobRunner(settings, factory, holder)
+def runner(settings: Settings, factory: sessionmaker[Session], holder: EngineHolder) -> Iterator[JobRunner]:
+    """The real job runner over the test's database and holder; its threads stop after the test."""
+    job_runner = JobRunner(settings, factory, holder)
+    yield job_runner
+    job_runner.close()
+
+
+def run_to_end(runner: JobRunner, job_id: str) -> str:
+    """Run a message's job and wait until the image writer has stored what was rendered."""
+    outcome = runner.run(job_id)
+    runner.drain()
+    return outcome
 
 
 def new_job(factory: sessionmaker[Session], dtype: str = "bf16") -> str:
@@ -111,7 +120,7 @@ def test_normal_job_succeeds_with_png_and_stats(
 ) -> None:
     """A bf16 job renders resident, stores a PNG named by its id and a plan whose last attempt is ok."""
     job_id = new_job(factory)
-    assert runner.run(job_id) == "succeeded"
+    assert run_to_end(runner, job_id) == "rendered"
     job = job_row(factory, job_id)
     assert job.status == "succeeded" and job.attempts == 1 and job.error is None
     assert job.result_path is not None
@@ -143,7 +152,7 @@ def test_fp16_nan_output_is_rendered_again_in_bf16(
 
     handle = fp16.loaded.pipeline.transformer.register_forward_hook(poison)
     try:
-        assert runner.run(job_id) == "succeeded"
+        assert run_to_end(runner, job_id) == "rendered"
     finally:
         handle.remove()
     assert calls > 0  # the fault was really injected
@@ -170,7 +179,7 @@ def test_exhausted_ladder_fails_the_job_and_the_worker_lives_on(
 
     handle = engine.loaded.pipeline.transformer.register_forward_pre_hook(out_of_memory)
     try:
-        assert runner.run(job_id) == "failed"
+        assert run_to_end(runner, job_id) == "failed"
     finally:
         handle.remove()
     job = job_row(factory, job_id)
@@ -185,7 +194,7 @@ def test_exhausted_ladder_fails_the_job_and_the_worker_lives_on(
     assert all("injected" in a["outcome"] for a in plan["attempts"])
 
     after = new_job(factory)
-    assert runner.run(after) == "succeeded"
+    assert run_to_end(runner, after) == "rendered"
     assert job_row(factory, after).status == "succeeded"
     assert holder.loads == 1  # the same holder engine carried on; nothing was reloaded through the holder
 
@@ -224,7 +233,7 @@ def test_paused_queue_hands_the_job_back(
 def test_queued_jobs_share_one_text_encoder_pass(runner: JobRunner, factory: sessionmaker[Session]) -> None:
     """One message renders its job and claims compatible queued ones; their own messages are then skipped."""
     ids = [new_job(factory) for _ in range(3)]
-    assert runner.run(ids[0]) == "succeeded (+2 grouped)"
+    assert run_to_end(runner, ids[0]) == "rendered (+2 grouped)"
     for job_id in ids:
         assert job_row(factory, job_id).status == "succeeded"
         assert stored_plan(factory, job_id)["group"] == "encoded with 3 jobs"
@@ -236,6 +245,6 @@ def test_a_retried_job_runs_alone(runner: JobRunner, factory: sessionmaker[Sessi
     crashed, fresh = new_job(factory), new_job(factory)
     with transaction(factory) as session:
         session.execute(update(Job).where(Job.id == crashed).values(attempts=1))
-    assert runner.run(crashed) == "succeeded"
+    assert run_to_end(runner, crashed) == "rendered"
     assert job_row(factory, fresh).status == "queued"
     assert "group" not in stored_plan(factory, crashed)

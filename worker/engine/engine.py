@@ -11,30 +11,38 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 
 from worker.engine.calibration import DEFAULT_SPEED
+from worker.engine.compiled import graphs_compiled
 from worker.engine.loading import EngineError, LoadedPipeline
 from worker.engine.offload import apply_offload
-from worker.engine.placement import PlannedPlacement, measure_sizes
+from worker.engine.placement import PlannedPlacement, measure_sizes, set_vae_tiling
 from worker.engine.plan import (
     DIFFUSERS_RUNGS,
+    PLANNED_RUNGS,
     ActivationModel,
     Budget,
     Plan,
     SpeedModel,
     diffusers_plan,
+    fit_to_size,
+    placement_key,
     plan_ladder,
+    with_scale,
 )
-from worker.engine.render import RenderRequest, RenderResult, StepCallback, render
+from worker.engine.render import Embeds, RenderRequest, RenderResult, StepCallback, render
 
 log = logging.getLogger(__name__)
 EngineMode = Literal["auto", "stream", "none", "model", "sequential", "group"]
 ENGINE_MODES: tuple[str, ...] = get_args(EngineMode)
+# Each out-of-memory error raises the activation estimates by this factor, up to the cap.
+OOM_SCALE_STEP = 1.1
+OOM_SCALE_CAP = 2.0
 
 
 class LadderExhausted(EngineError):
@@ -63,8 +71,27 @@ class Attempt:
         }
 
 
+@dataclass(frozen=True)
+class PlacementView:
+    """A read-only look at where the engine keeps the pipeline now (for stats, benchmarks, profile)."""
+
+    rung: str
+    description: str
+    resident_blocks: int
+    total_blocks: int
+    streamed_bytes_per_step: int
+    text_encoder_streamed: bool
+    planned_for: tuple[int, int] | None
+    compiled: bool
+
+
 class Engine:
-    """A pipeline and its placement, re-planned per job within the budget."""
+    """A pipeline and its placement, planned for the largest size ahead and kept across jobs.
+
+    The placement is planned for the largest size the engine has met or been told to expect, so a
+    mixed-size batch runs on one placement: a job that fits it never moves weights; only a job
+    bigger than any before re-plans, and then only the blocks that change move.
+    """
 
     def __init__(
         self,
@@ -76,21 +103,24 @@ class Engine:
         reload: Callable[[], LoadedPipeline] | None = None,
         speed: SpeedModel | None = None,
         vae_tiling: str = "auto",
+        compile: bool = False,
     ) -> None:
         if mode not in ENGINE_MODES:
             raise EngineError(f"offload mode must be one of {ENGINE_MODES}, got {mode!r}")
+        if vae_tiling not in ("auto", "on", "off"):
+            raise EngineError(f"vae tiling must be auto, on or off, got {vae_tiling!r}")
         self.loaded = loaded
         self.mode = mode
         self.budget = budget
         self.activations = activations
         self.speed = speed or DEFAULT_SPEED
-        if vae_tiling not in ("auto", "on", "off"):
-            raise EngineError(f"vae tiling must be auto, on or off, got {vae_tiling!r}")
         self.vae_tiling = vae_tiling
+        self.compile = compile
         self.sizes = measure_sizes(loaded.pipeline)
         self._reload = reload
         self._planned: PlannedPlacement | None = None
         self._diffusers_mode: str | None = None
+        self._planned_for: tuple[int, int] | None = None
         self.plan: Plan | None = None
         # Reloads done while re-placing (leaving a diffusers mode); the next job's stats carry them.
         self.unreported_load_s = 0.0
@@ -99,6 +129,29 @@ class Engine:
     def device(self) -> torch.device:
         """Where jobs compute."""
         return self.loaded.device
+
+    @property
+    def placement(self) -> PlacementView | None:
+        """Where the weights are now; None before the first job."""
+        plan = self.plan
+        if plan is None:
+            return None
+        return PlacementView(
+            rung=plan.rung,
+            description=plan.describe(),
+            resident_blocks=len(plan.transformer_resident),
+            total_blocks=plan.transformer_blocks_total,
+            streamed_bytes_per_step=plan.streamed_bytes_per_step,
+            text_encoder_streamed=plan.text_encoder_streamed,
+            planned_for=self._planned_for,
+            compiled=self.compile and plan.rung in PLANNED_RUNGS,
+        )
+
+    def expect(self, sizes: Iterable[tuple[int, int]]) -> None:
+        """Plan for these sizes too (the queued jobs the worker can see), so one placement serves all."""
+        for size in sizes:
+            if self._planned_for is None or pixels(size) > pixels(self._planned_for):
+                self._planned_for = size
 
     def ladder(self, width: int, height: int) -> list[Plan]:
         """The plans to try for this size, fastest first."""
@@ -119,21 +172,36 @@ class Engine:
             ladder = [p for p in ladder if p.rung == "sequential" or p.vae_tiled == wanted]
         return ladder
 
+    def job_ladder(self, width: int, height: int) -> list[Plan]:
+        """The plans to try for one job: the ladder of the largest size planned for, fitted to this job."""
+        self.expect([(width, height)])
+        assert self._planned_for is not None
+        plans = self.ladder(*self._planned_for)
+        # Only the first plan is fitted to this job's size (its VAE tiles only if it must); the rest are
+        # fallbacks for a wrong prediction and keep their conservative form.
+        return [self._fit(plans[0], width, height), *plans[1:]]
+
+    def _fit(self, plan: Plan, width: int, height: int) -> Plan:
+        tiling = {"auto": (False, True), "on": (True,), "off": (False,)}[self.vae_tiling]
+        fitted = fit_to_size(plan, self.sizes, self.activations, self.budget, (width, height), tiling=tiling)
+        return fitted or plan
+
     def place(self, plan: Plan) -> bool:
-        """Put a plan into effect, moving as little as possible; returns whether anything changed."""
-        if plan == self.plan:
-            return False
-        release_memory(self.device)
+        """Put a plan into effect, moving only what changes; returns whether any weights moved."""
+        moved = self.plan is None or placement_key(plan) != placement_key(self.plan)
         if plan.rung in DIFFUSERS_RUNGS:
             self._place_diffusers(plan.rung)
         else:
             if self._diffusers_mode is not None:
                 self._back_to_host()
             if self._planned is None:
-                self._planned = PlannedPlacement(self.loaded.pipeline, self.device)
-            self._planned.apply(plan)
+                self._planned = PlannedPlacement(self.loaded.pipeline, self.device, compile=self.compile)
+            if moved:
+                self._planned.apply(plan)
+            else:
+                set_vae_tiling(self.loaded.pipeline, plan.vae_tiled)  # the only per-job change
         self.plan = plan
-        return True
+        return moved
 
     def set_budget(self, budget: Budget) -> None:
         """Re-plan under a new budget from the next job on (the placement shrinks before it grows)."""
@@ -173,14 +241,11 @@ class Engine:
         release_memory(self.device)
 
     def render(
-        self,
-        request: RenderRequest,
-        on_step: StepCallback | None = None,
-        embeds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        self, request: RenderRequest, on_step: StepCallback | None = None, embeds: Embeds | None = None
     ) -> RenderResult:
         """Render on the fastest rung that fits, walking down the ladder on out-of-memory errors."""
         attempts: list[Attempt] = []
-        for plan in self.ladder(request.width, request.height):
+        for plan in self.job_ladder(request.width, request.height):
             started = time.perf_counter()
             outcome = self._attempt(plan, request, on_step, embeds)
             if isinstance(outcome, RenderResult):
@@ -189,30 +254,44 @@ class Engine:
                 return outcome
             attempts.append(Attempt(plan, f"out of memory: {outcome}", time.perf_counter() - started))
             log.warning("out of memory on %s; trying the next rung", plan.describe())
+            self._estimate_higher()
             self.plan = None
             release_memory(self.device)
         raise LadderExhausted([a.record() for a in attempts])
 
+    def _estimate_higher(self) -> None:
+        """After an out-of-memory error, plan later jobs with larger activation estimates.
+
+        The estimates were too low for this card; without this, every later job would fail on the same
+        first rung before falling back. Capped at twice the fitted values, as calibration is.
+        """
+        scale = min(OOM_SCALE_CAP, self.activations.scale * OOM_SCALE_STEP)
+        self.activations = with_scale(self.activations, scale)
+        log.warning("activation estimates raised to %.2fx after an out-of-memory error", scale)
+
     def _attempt(
-        self,
-        plan: Plan,
-        request: RenderRequest,
-        on_step: StepCallback | None,
-        embeds: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+        self, plan: Plan, request: RenderRequest, on_step: StepCallback | None, embeds: Embeds | None
     ) -> RenderResult | str:
         try:
-            changed = self.place(plan)
-            return render(
+            started = time.perf_counter()
+            moved = self.place(plan)
+            place_s = time.perf_counter() - started
+            graphs = graphs_compiled()
+            result = render(
                 self.loaded,
                 request,
                 on_step,
                 embeds=embeds,
-                release_cache=changed,
                 after_denoise=self._planned.drop_prefetched if self._planned else None,
             )
         except torch.cuda.OutOfMemoryError as error:
             # Only the message leaves this block: the traceback would keep the failed step's tensors alive.
             return str(error).split("\n")[0][:300]
+        result.stats.place_s, result.stats.placement_changed = place_s, moved
+        result.stats.recompiles = graphs_compiled() - graphs
+        if result.stats.recompiles:
+            log.info("compiled %d graphs for %dx%d", result.stats.recompiles, request.width, request.height)
+        return result
 
     def _annotate(self, result: RenderResult, plan: Plan, attempts: list[Attempt]) -> None:
         stats = result.stats
@@ -221,14 +300,21 @@ class Engine:
         stats.offload_mode = plan.rung
         stats.predicted_peak_bytes = plan.predicted_peak_bytes
         stats.vram_budget_bytes = self.budget.device_bytes if self.device.type == "cuda" else None
-        stats.plan = json.dumps({**plan.record(), "attempts": [a.record() for a in attempts]})
+        record = {
+            **plan.record(),
+            "planned_for": list(self._planned_for) if self._planned_for else None,
+            "compiled": self.compile,
+            "recompiles": stats.recompiles,
+            "attempts": [a.record() for a in attempts],
+        }
+        stats.plan = json.dumps(record)
 
     def encode(
         self, prompts: list[str], negative: list[str] | None, guidance_scale: float, width: int, height: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> Embeds:
         """Encode several prompts in one pass of the text encoder (one stream of its weights)."""
         if self.plan is None:
-            self.place(self.ladder(width, height)[0])
+            self.place(self.job_ladder(width, height)[0])
         with torch.inference_mode():
             return self.loaded.pipeline.encode_prompt(  # type: ignore[no-any-return]
                 prompt=list(prompts),  # diffusers rewrites the list in place with the chat template
@@ -236,6 +322,49 @@ class Engine:
                 do_classifier_free_guidance=guidance_scale > 0,
                 negative_prompt=negative,
             )
+
+    def encode_group(self, prompts: list[str], width: int, height: int) -> list[Embeds] | None:
+        """Each prompt's embeddings from one shared encoder pass; None if it ran out of memory.
+
+        Streaming the encoder's 7 GB once per group instead of once per job is most of the gap between
+        single and queued jobs. Out of memory here only means each job encodes on its own.
+        """
+        try:
+            positive, _negative = self.encode(prompts, None, 0.0, width, height)
+        except torch.cuda.OutOfMemoryError:
+            positive = None
+        if positive is None:
+            release_memory(self.device)
+            return None
+        return [([embedding], []) for embedding in positive]
+
+    def warm_up(self, sizes: list[tuple[int, int]]) -> float:
+        """Render a short job per size (two at least), so placement and compilation precede real jobs.
+
+        Two prompt lengths and two sizes let the compiler generalise over shapes at once, so later
+        sizes and prompts reuse the same graphs instead of recompiling.
+        """
+        started = time.perf_counter()
+        self.expect(sizes)
+        shapes = sizes if len(sizes) > 1 else sizes * 2
+        for index, (width, height) in enumerate(shapes):
+            prompt = WARM_UP_PROMPTS[index % len(WARM_UP_PROMPTS)]
+            self.render(RenderRequest(prompt, width, height, steps=2, guidance_scale=0.0, seed=index))
+        return time.perf_counter() - started
+
+
+# A short and a long prompt: the text length is a shape the compiled blocks must cover.
+WARM_UP_PROMPTS = (
+    "a lighthouse at dusk",
+    "a detailed oil painting of a lighthouse on a rocky cliff above a stormy sea at dusk, waves crashing "
+    "below, gulls in the wind, warm light in the lantern room, dark clouds, dramatic rim light, "
+    "impasto brush strokes, muted palette with a single warm accent, wide angle, high detail",
+)
+
+
+def pixels(size: tuple[int, int]) -> int:
+    """A size's pixel count, which is what activations grow with."""
+    return size[0] * size[1]
 
 
 def release_memory(device: torch.device) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
 import psutil
@@ -53,18 +52,9 @@ def host_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def reset_for_job(device: torch.device, *, release_cache: bool = True) -> None:
-    """Restart the peak counters, so each job's peak is its own; optionally free what the last job left.
-
-    The Engine releases the cache only when a job's placement differs from the last one: releasing
-    blocks the next job needs at the same sizes costs a garbage collection and fresh cudaMallocs
-    (about 0.2 s a job, measured on an H200) and frees nothing that stays free.
-    """
-    if release_cache:
-        gc.collect()
+def reset_for_job(device: torch.device) -> None:
+    """Restart the peak counters, so each job's peak is its own."""
     if device.type == "cuda":
-        if release_cache:
-            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import ZImagePipeline
 from torch import nn
 
+from worker.engine.compiled import compile_blocks
 from worker.engine.plan import TEXT_ENCODER_LOOKAHEAD, TRANSFORMER_LOOKAHEAD, ModelSizes, Plan
 from worker.engine.streaming import BlockStreamer, HostEmbedding
 
@@ -65,7 +66,7 @@ def move_all_but(module: nn.Module, blocks: Iterable[nn.Module], device: torch.d
 class PlannedPlacement:
     """Streamers on the transformer and the text encoder, set per plan by moving only what changes."""
 
-    def __init__(self, pipeline: ZImagePipeline, device: torch.device) -> None:
+    def __init__(self, pipeline: ZImagePipeline, device: torch.device, *, compile: bool = False) -> None:
         self.pipeline = pipeline
         self.device = device
         t_blocks = transformer_blocks(pipeline.transformer)
@@ -77,6 +78,8 @@ class PlannedPlacement:
         self.transformer = BlockStreamer(t_blocks, device, lookahead=TRANSFORMER_LOOKAHEAD)
         self.text_encoder = BlockStreamer(e_blocks, device, lookahead=TEXT_ENCODER_LOOKAHEAD, wrap=False)
         self.embedding = HostEmbedding(embedding, device)
+        if compile:
+            compile_blocks(t_blocks)
 
     def apply(self, plan: Plan) -> None:
         """Shrink whichever part gives memory back first, then grow the other."""

@@ -37,6 +37,8 @@ class Plan:
     pinned_host_bytes: int
     pin_host: bool = True
     resident_weight_bytes: int = 0
+    # Transformer weight bytes copied in per denoising step (what the bandwidth bound is made of).
+    streamed_bytes_per_step: int = 0
 
     def describe(self) -> str:
         """One line for logs, stats and the profile table."""
@@ -68,16 +70,45 @@ class Plan:
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "resident_weight_bytes": self.resident_weight_bytes,
             "pinned_host_bytes": self.pinned_host_bytes,
+            "streamed_bytes_per_step": self.streamed_bytes_per_step,
         }
 
 
+def stream_order(total: int) -> list[int]:
+    """The order in which blocks leave the device as the budget shrinks.
+
+    Every prefix is spread through the stack, so each copy hides behind compute; and the prefixes
+    nest, so planning for a bigger size streams the same blocks plus a few more and a re-placement
+    moves only those. Odd positions go first: up to half the stack streams with no two streamed
+    blocks side by side.
+    """
+    return spread_order(list(range(1, total, 2))) + spread_order(list(range(0, total, 2)))
+
+
+def spread_order(items: list[int]) -> list[int]:
+    """The items in an order whose every prefix is spread evenly (van der Corput, from the middle)."""
+    picked: list[int] = []
+    for i in range(4 * len(items)):
+        index = int(((van_der_corput(i) + 0.5) % 1.0) * len(items))
+        if items[index] not in picked:
+            picked.append(items[index])
+    return picked + [item for item in items if item not in picked]
+
+
+def van_der_corput(i: int) -> float:
+    """The i-th point of the base-2 van der Corput sequence: 0, 1/2, 1/4, 3/4, 1/8, ..."""
+    value, denominator = 0.0, 1.0
+    while i:
+        denominator *= 2
+        value += (i & 1) / denominator
+        i >>= 1
+    return value
+
+
 def spread_resident(total: int, resident: int) -> frozenset[int]:
-    """Which blocks stay resident: streamed ones are spaced evenly, so each copy hides behind compute."""
-    streamed = total - resident
-    if streamed <= 0:
-        return frozenset(range(total))
-    picked = {min(total - 1, int((j + 0.5) * total / streamed)) for j in range(streamed)}
-    return frozenset(range(total)) - picked
+    """Which blocks stay resident: all but the first `total - resident` of the stream order."""
+    streamed = max(0, total - resident)
+    return frozenset(range(total)) - frozenset(stream_order(total)[:streamed])
 
 
 def usable(budget: Budget) -> int:
@@ -166,6 +197,7 @@ def _plan(
     return Plan(
         rung=rung,
         resident_weight_bytes=weights,
+        streamed_bytes_per_step=sum(b for i, b in enumerate(sizes.transformer_blocks) if i not in resident),
         transformer_resident=resident,
         text_encoder_streamed=te_streamed,
         vae_tiled=tiled,
@@ -183,6 +215,44 @@ def same_placement(a: Plan, b: Plan) -> bool:
         b.text_encoder_streamed,
         b.vae_tiled,
     )
+
+
+def placement_key(plan: Plan) -> tuple[Rung, frozenset[int], bool]:
+    """What moves weights: the rung family, the resident blocks and where the text encoder lives."""
+    family: Rung = "stream" if plan.rung == "stream_tiled" else plan.rung
+    return family, plan.transformer_resident, plan.text_encoder_streamed
+
+
+def fit_to_size(
+    plan: Plan,
+    sizes: ModelSizes,
+    acts: ActivationModel,
+    budget: Budget,
+    size: tuple[int, int],
+    *,
+    tiling: tuple[bool, ...] = (False, True),
+) -> Plan | None:
+    """The same placement for a job of another size: the VAE tiles only when a full decode won't fit.
+
+    None means the placement does not fit this size at all (a bigger size: plan again).
+    """
+    if plan.rung not in PLANNED_RUNGS:
+        return plan
+    for tiled in tiling:
+        peak = _peak(
+            sizes,
+            acts,
+            *size,
+            resident_blocks=len(plan.transformer_resident),
+            te_streamed=plan.text_encoder_streamed,
+            vae_tiled=tiled,
+        )
+        if peak <= usable(budget):
+            rung = plan.rung
+            if rung in ("stream", "stream_tiled"):
+                rung = "stream_tiled" if tiled else "stream"
+            return replace(plan, rung=rung, vae_tiled=tiled, predicted_peak_bytes=peak)
+    return None
 
 
 def plan_ladder(

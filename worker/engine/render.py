@@ -59,6 +59,11 @@ class RenderStats:
     denoise_s: float = 0.0
     decode_s: float = 0.0
     save_s: float = 0.0
+    # Seconds spent moving weights before this job, and whether any moved (a re-placement).
+    place_s: float = 0.0
+    placement_changed: bool = False
+    # Graphs compiled during this job (a new shape family); 0 once the compiled blocks are warm.
+    recompiles: int = 0
     phases: dict[str, float] = field(default_factory=dict, repr=False)
 
 
@@ -91,15 +96,16 @@ def render(
     on_step: StepCallback | None = None,
     *,
     embeds: Embeds | None = None,
-    release_cache: bool = True,
     after_denoise: Callable[[], None] | None = None,
 ) -> RenderResult:
     """Render one image with a seeded CPU generator, so the same request gives the same image.
 
     `embeds` are prompt embeddings computed earlier for a group of jobs; without them this encodes.
+    The allocator's cache is kept: freeing blocks the next job needs again costs time and frees
+    nothing that stays free (the engine releases memory only after an out-of-memory error).
     """
     device = loaded.device
-    reset_for_job(device, release_cache=release_cache)
+    reset_for_job(device)
     stats = RenderStats(offload_mode="none", device_name=device_name(device))
     _record_start(stats, device)
     with torch.inference_mode():

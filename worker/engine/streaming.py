@@ -81,15 +81,20 @@ class BlockStreamer:
     def _make_resident(self, block: StreamedBlock) -> None:
         for tensor, host in zip(block.tensors(), block.host, strict=True):
             tensor.data = host.to(self.device)
-        block.host, block.device_copy, block.ready, block.resident, block.pinned = [], None, None, True, False
+        if not block.pinned:
+            block.host = []  # a pageable copy is cheap to make again; keeping it would double host RAM
+        block.device_copy, block.ready, block.resident = None, None, True
 
     def _make_streamed(self, block: StreamedBlock, *, pin: bool) -> None:
-        host = []
-        for tensor in block.tensors():
-            copy = tensor.data.to("cpu")
-            copy = copy.pin_memory() if pin else copy
+        """Point the block at a host copy: the pinned one kept from before when there is one.
+
+        Weights never change while rendering, so a pinned copy made once stays valid, and streaming
+        a block again costs no device-to-host copy and no new pinned allocation (both slow).
+        """
+        reuse = bool(block.host) and block.pinned == pin
+        host = block.host if reuse else [self._host_copy(t.data, pin=pin) for t in block.tensors()]
+        for tensor, copy in zip(block.tensors(), host, strict=True):
             tensor.data = copy
-            host.append(copy)
         block.host, block.device_copy, block.ready, block.resident, block.pinned = (
             host,
             None,
@@ -97,6 +102,11 @@ class BlockStreamer:
             False,
             pin,
         )
+
+    @staticmethod
+    def _host_copy(tensor: torch.Tensor, *, pin: bool) -> torch.Tensor:
+        copy = tensor.to("cpu")
+        return copy.pin_memory() if pin else copy
 
     def resident_indices(self) -> set[int]:
         """Which blocks are resident now."""

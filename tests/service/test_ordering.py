@@ -1,0 +1,197 @@
+"""Service tests of the queue order (FIFO, same-size preference, bounded wait) on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs.db import make_engine, make_session_factory, transaction
+from jobs.lifecycle import claim_job
+from jobs.ordering import PassedOver, Preference, next_job_ids
+from jobs.params import GenerationParams
+from jobs.settings import Settings
+from jobs.states import JobStatus
+from jobs.submit import insert_batch
+from jobs.tables import Job
+from tests.conftest import BACKENDS
+
+pytestmark = pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
+
+SQUARE = (512, 512)
+WIDE = (768, 432)
+MAX_WAIT_S = 10.0
+START = 1000.0  # a monotonic clock reading
+
+
+def params(size: tuple[int, int], *, seed: int = 1, dtype: str = "bf16") -> GenerationParams:
+    """Params for one image of this size on the synthetic model."""
+    width, height = size
+    return GenerationParams(
+        prompt="a lighthouse at dusk",
+        width=width,
+        height=height,
+        steps=2,
+        seed=seed,
+        model="synthetic:tiny",
+        dtype=dtype,  # type: ignore[arg-type]
+    )
+
+
+def like(size: tuple[int, int]) -> Preference:
+    """The preference a worker has after rendering a synthetic bf16 image of this size."""
+    return Preference.of(params(size))
+
+
+@pytest.fixture
+def factory(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """A session factory on a migrated database of the test's backend."""
+    engine = make_engine(database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def queue(factory: sessionmaker[Session], *sizes: tuple[int, int], priority: int = 0) -> list[str]:
+    """Submit one batch with a job per size, in this order; its job ids."""
+    batch = [params(size, seed=i) for i, size in enumerate(sizes)]
+    with transaction(factory) as session:
+        return insert_batch(session, params=batch, priority=priority, max_attempts=3).job_ids
+
+
+def order(
+    factory: sessionmaker[Session],
+    preference: Preference | None,
+    passed_over: PassedOver,
+    *,
+    now: float = START,
+    max_wait_s: float = MAX_WAIT_S,
+    limit: int = 8,
+) -> list[str]:
+    """next_job_ids in a fresh session."""
+    with factory() as session:
+        return next_job_ids(
+            session,
+            preference=preference,
+            passed_over=passed_over,
+            max_wait_s=max_wait_s,
+            now=now,
+            limit=limit,
+        )
+
+
+def set_status(factory: sessionmaker[Session], job_id: str, status: JobStatus) -> None:
+    """Move a job straight to a status, as if a worker had got it there."""
+    with transaction(factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status=status))
+
+
+def test_no_preference_is_fifo_and_respects_the_limit(factory: sessionmaker[Session]) -> None:
+    ids = queue(factory, WIDE, SQUARE, WIDE) + queue(factory, SQUARE)
+    # Older batches first, then each batch in its own order.
+    assert order(factory, None, PassedOver()) == ids
+    assert order(factory, None, PassedOver(), limit=2) == ids[:2]
+    assert order(factory, None, PassedOver(), limit=0) == []
+
+
+def test_priority_wins_over_the_size_preference(factory: sessionmaker[Session]) -> None:
+    low = queue(factory, SQUARE, SQUARE, priority=0)
+    high = queue(factory, WIDE, SQUARE, priority=5)
+    passed_over = PassedOver()
+    # The preferred size goes ahead of the head only within the head's priority.
+    assert order(factory, like(SQUARE), passed_over) == [high[1], high[0], *low]
+    set_status(factory, high[1], JobStatus.SUCCEEDED)
+    # The only SQUARE jobs left are of a lower priority: the WIDE head is not passed over.
+    assert order(factory, like(SQUARE), passed_over) == [high[0], *low]
+
+
+def test_the_preferred_size_goes_ahead_of_an_older_head(factory: sessionmaker[Session]) -> None:
+    ids = queue(factory, WIDE, WIDE, SQUARE, WIDE, SQUARE)
+    passed_over = PassedOver()
+    assert order(factory, like(SQUARE), passed_over) == [ids[2], ids[0], ids[1], ids[3], ids[4]]
+    assert order(factory, like(SQUARE), passed_over, limit=3) == [ids[2], ids[0], ids[1]]
+    assert passed_over.waited(ids[0], START + 4) == pytest.approx(4.0)
+    # The head already matches: plain FIFO, nobody is passed over.
+    assert order(factory, like(WIDE), PassedOver()) == ids
+    # Another dtype or model is not the same work, even at the same size.
+    assert order(factory, Preference("synthetic:tiny", "fp16", *SQUARE), PassedOver()) == ids
+    assert order(factory, Preference("synthetic:full", "bf16", *SQUARE), PassedOver()) == ids
+
+
+def test_the_head_runs_once_it_has_waited_max_wait(factory: sessionmaker[Session]) -> None:
+    head, same = queue(factory, WIDE, SQUARE)
+    passed_over = PassedOver()
+    assert order(factory, like(SQUARE), passed_over, now=START)[0] == same
+    assert order(factory, like(SQUARE), passed_over, now=START + MAX_WAIT_S - 0.5)[0] == same
+    assert order(factory, like(SQUARE), passed_over, now=START + MAX_WAIT_S) == [head, same]
+    assert order(factory, like(SQUARE), passed_over, now=START + MAX_WAIT_S + 60) == [head, same]
+
+    # Once the head has run, its record goes: the record holds at most the current head.
+    set_status(factory, head, JobStatus.SUCCEEDED)
+    assert order(factory, like(SQUARE), passed_over, now=START + 100) == [same]
+    assert len(passed_over) == 0
+    assert passed_over.waited(head, START + 100) == 0.0
+
+
+def test_zero_max_wait_is_strict_fifo(factory: sessionmaker[Session]) -> None:
+    ids = queue(factory, WIDE, SQUARE, SQUARE)
+    passed_over = PassedOver()
+    assert order(factory, like(SQUARE), passed_over, max_wait_s=0) == ids
+    assert len(passed_over) == 0
+
+
+def test_unclaimable_jobs_are_never_returned(factory: sessionmaker[Session]) -> None:
+    cancelling, exhausted, running, done, failed, waiting = queue(
+        factory, SQUARE, SQUARE, SQUARE, SQUARE, SQUARE, WIDE
+    )
+    with transaction(factory) as session:
+        session.execute(update(Job).where(Job.id == cancelling).values(cancel_requested=True))
+        session.execute(update(Job).where(Job.id == exhausted).values(attempts=Job.max_attempts))
+        assert claim_job(session, job_id=running) is not None
+    set_status(factory, done, JobStatus.SUCCEEDED)
+    set_status(factory, failed, JobStatus.FAILED)
+
+    # Each of them is ahead of the WIDE job and of the preferred size, and none is claimable.
+    assert order(factory, None, PassedOver()) == [waiting]
+    assert order(factory, like(SQUARE), PassedOver()) == [waiting]
+    with transaction(factory) as session:
+        assert claim_job(session, job_id=waiting) is not None
+    assert order(factory, None, PassedOver()) == []
+
+
+def test_simulated_worker_reorders_but_never_starves_the_odd_job(factory: sessionmaker[Session]) -> None:
+    odd, *same = queue(factory, WIDE, *[SQUARE] * 30)
+    passed_over = PassedOver()
+    preference: Preference | None = like(SQUARE)
+    clock = START
+    ran: list[str] = []
+    first_passed_over: float | None = None
+    odd_ran_at: float | None = None
+    while len(ran) < 31:
+        ids = order(factory, preference, passed_over, now=clock)
+        if ids[0] != odd and odd in ids and first_passed_over is None:
+            first_passed_over = clock
+        if ids[0] == odd:
+            odd_ran_at = clock
+        set_status(factory, ids[0], JobStatus.SUCCEEDED)
+        with factory() as session:
+            job = session.get_one(Job, ids[0])
+            preference = Preference(job.model, job.dtype, job.width, job.height)
+        ran.append(ids[0])
+        clock += 1.0  # one job takes one second
+
+    assert first_passed_over == START
+    assert odd_ran_at is not None
+    assert odd_ran_at - first_passed_over <= MAX_WAIT_S + 1
+    assert ran.index(odd) >= 1  # at least one same-size job went ahead of it
+    assert ran[: ran.index(odd)] == same[: ran.index(odd)]  # the others kept their FIFO order
+    assert sorted(ran) == sorted([odd, *same])  # each ran exactly once
+    assert order(factory, preference, passed_over, now=clock) == []
+
+
+def test_the_setting_defaults_and_refuses_negative_waits(settings: Settings) -> None:
+    assert settings.max_reorder_wait_s == 180.0
+    assert Settings(max_reorder_wait_s=0).max_reorder_wait_s == 0.0
+    with pytest.raises(ValueError):
+        Settings(max_reorder_wait_s=-1)
