@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -257,7 +256,7 @@ def engine_row(name: str, cap: float, results: list[Any], seconds: float, engine
     """A result row with the per-phase breakdown and what streaming moved."""
     stats = [r.stats for r in results]
     plan = engine.plan
-    streamed = engine._planned.transformer.streamed_bytes_per_pass if engine._planned else 0
+    streamed = engine.placement.streamed_bytes_per_step if engine.placement else 0
     return {
         "name": name,
         "cap_gb": cap,
@@ -326,18 +325,32 @@ def run_queued(engine: Engine, count: int, group: int = 4) -> list[Any]:
     return results
 
 
-def stage_mixed(rec: Recorder, engine: Engine, args: argparse.Namespace) -> None:
-    """50 jobs of mixed sizes (512 to 1536, non-square included) at 8 GB: no job may run out of memory."""
-    engine.set_budget(budget_of(8))
-    rng = random.Random(7)
-    requests = [request(i, rng.choice(MIXED_SIZES), steps=args.mixed_steps) for i in range(args.mixed)]
-    started = time.perf_counter()
-    results = run_jobs(engine, requests)
+def stage_mixed(rec: Recorder, cache: Path, acts: ActivationModel, args: argparse.Namespace) -> None:
+    """Every size from 512 to 1536 (non-square too) at each budget: the first rung must fit, and the
+    predicted peak should be within 5% of the measured one. Sizes run smallest first, so each new size
+    is the largest yet and the engine plans for it; then the smaller ones run again on that placement.
+    """
+    loaded = load(cache)
+    ordered = sorted(MIXED_SIZES, key=lambda size: size[0] * size[1])
+    for cap in [float(b) for b in args.mixed_budgets.split(",")]:
+        engine = Engine(loaded, mode="auto", budget=budget_of(cap), activations=acts, compile=args.compile)
+        requests = [request(i, size, steps=args.mixed_steps) for i, size in enumerate(ordered + ordered)]
+        started = time.perf_counter()
+        results = run_jobs(engine, requests)
+        rec.add(mixed_row(cap, results, time.perf_counter() - started, engine, args))
+        engine.place_on_host()
+        loaded = engine.loaded
+
+
+def mixed_row(
+    cap: float, results: list[Any], seconds: float, engine: Engine, args: argparse.Namespace
+) -> dict[str, Any]:
+    """A mixed-size row: prediction errors, out-of-memory retries, jobs over the cap, per-size detail."""
     row = engine_row(
-        f"nightrender engine, {args.mixed} mixed sizes @ 8 GB ({args.mixed_steps} steps)",
-        8,
+        f"nightrender engine, {len(results)} mixed sizes @ {cap:g} GB ({args.mixed_steps} steps)",
+        cap,
         results,
-        time.perf_counter() - started,
+        seconds,
         engine,
     )
     errors = [
@@ -349,10 +362,54 @@ def stage_mixed(rec: Recorder, engine: Engine, args: argparse.Namespace) -> None
         s_per_image=None,
         max_prediction_error=round(max(errors), 3),
         mean_prediction_error=round(sum(errors) / len(errors), 3),
-        over_budget=sum((r.stats.peak_reserved_bytes or 0) > 8 * GB for r in results),
+        over_budget=sum((r.stats.peak_reserved_bytes or 0) > cap * GB for r in results),
         rungs=sorted({r.stats.offload_mode for r in results}),
+        replacements=sum(r.stats.placement_changed for r in results),
+        per_job=[
+            {
+                "size": list(size),
+                "predicted_gb": gigabytes(r.stats.predicted_peak_bytes),
+                "allocated_gb": gigabytes(r.stats.peak_allocated_bytes),
+                "reserved_gb": gigabytes(r.stats.peak_reserved_bytes),
+                "rung": r.stats.offload_mode,
+                "attempts": len(json.loads(r.stats.plan or "{}").get("attempts", [])),
+                "placed_s": round(r.stats.place_s, 3),
+                "recompiles": r.stats.recompiles,
+                "denoise_s": round(r.stats.denoise_s, 3),
+            }
+            for size, r in zip(sorted(MIXED_SIZES, key=lambda s: s[0] * s[1]) * 2, results, strict=False)
+        ],
+    )
+    return row
+
+
+def stage_compiled_match(rec: Recorder, cache: Path, acts: ActivationModel, args: argparse.Namespace) -> None:
+    """Streamed and compiled pixels against eager, everything resident, same seed: the bf16 tolerance."""
+    import numpy as np
+
+    loaded = load(cache)
+    set_cap(None)
+    eager = Engine(loaded, mode="auto", budget=Budget(120 * GB, 96 * GB), activations=acts)
+    reference = [np.asarray(eager.render(request(seed)).image, dtype=np.int16) for seed in (5, 6)]
+    eager.place_on_host()
+    compiled = Engine(eager.loaded, mode="auto", budget=budget_of(12), activations=acts, compile=True)
+    warm = compiled.warm_up([(SIZE, SIZE), (896, 1152)])
+    started = time.perf_counter()
+    results = [compiled.render(request(seed)) for seed in (5, 6)]
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    diffs = [
+        np.abs(np.asarray(r.image, dtype=np.int16) - ref) for r, ref in zip(results, reference, strict=True)
+    ]
+    row = engine_row("nightrender engine, compiled + streamed @ 12 GB", 12, results, seconds, compiled)
+    row.update(
+        warm_up_s=round(warm, 1),
+        max_abs_pixel_diff=int(max(d.max() for d in diffs)),
+        mean_abs_pixel_diff=round(float(sum(d.mean() for d in diffs) / len(diffs)), 3),
+        share_over_8=round(float(sum((d > 8).mean() for d in diffs) / len(diffs)), 5),
     )
     rec.add(row)
+    compiled.place_on_host()
 
 
 def stage_diffusers_offload(rec: Recorder, cache: Path, mode: str, images: int) -> None:
@@ -379,17 +436,24 @@ def stage_diffusers_offload(rec: Recorder, cache: Path, mode: str, images: int) 
 
 
 def stage_smoke(cache: Path) -> None:
-    """Streaming must not change the image: tiny model, everything resident vs nearly all streamed."""
+    """Streaming must not change the image: tiny model, everything resident vs every block streamed."""
     loaded = load(cache, "synthetic:tiny")
-    engine = Engine(loaded, mode="auto", budget=Budget(80 * GB, 8 * GB), activations=DEFAULT_ACTIVATIONS)
-    resident = engine.render(request(1, (256, 256), 2)).image
-    engine._planned.transformer.set_resident({0})  # type: ignore[union-attr]
-    engine._planned.text_encoder.set_resident(set())  # type: ignore[union-attr]
-    from worker.engine.render import render
-
-    streamed = render(engine.loaded, request(1, (256, 256), 2)).image
+    resident_engine = Engine(
+        loaded, mode="auto", budget=Budget(80 * GB, 8 * GB), activations=DEFAULT_ACTIVATIONS
+    )
+    resident = resident_engine.render(request(1, (256, 256), 2)).image
+    resident_engine.place_on_host()
+    sizes = resident_engine.sizes
+    floor = sizes.transformer_rest + sizes.vae + sizes.text_encoder_rest + 4 * max(sizes.transformer_blocks)
+    streaming = Engine(
+        loaded, mode="stream", budget=Budget(floor, 8 * GB), activations=ActivationModel(0, 0, 0, 0, 0)
+    )
+    streamed = streaming.render(request(1, (256, 256), 2)).image
     same = resident.tobytes() == streamed.tobytes()
-    print(json.dumps({"smoke_streaming_identical": same}), flush=True)
+    print(
+        json.dumps({"smoke_streaming_identical": same, "plan": streaming.plan and streaming.plan.describe()})
+    )
+    streaming.place_on_host()
     if not same:
         raise SystemExit("streaming changed the image")
 
@@ -404,6 +468,8 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=16)
     parser.add_argument("--mixed", type=int, default=50)
     parser.add_argument("--mixed-steps", type=int, default=4)
+    parser.add_argument("--mixed-budgets", default="4,6,8,12")
+    parser.add_argument("--compile", action="store_true", help="compile the transformer blocks")
     args = parser.parse_args()
     stages = args.stages.split(",")
     rec = Recorder(args.out, torch.cuda.get_device_name(DEVICE))
@@ -414,14 +480,17 @@ def main() -> None:
         acts = stage_reference(rec, args.cache, args)
         rec.meta["activations"] = acts.__dict__
         rec.save()
-    if "engine" in stages or "mixed" in stages:
-        engine = Engine(load(args.cache), mode="auto", budget=budget_of(12), activations=acts)
-        if "engine" in stages:
-            stage_engine(rec, engine, args)
-        if "mixed" in stages:
-            stage_mixed(rec, engine, args)
+    if "compiled" in stages:
+        stage_compiled_match(rec, args.cache, acts, args)
+    if "engine" in stages:
+        engine = Engine(
+            load(args.cache), mode="auto", budget=budget_of(12), activations=acts, compile=args.compile
+        )
+        stage_engine(rec, engine, args)
         engine.place_on_host()
         del engine
+    if "mixed" in stages:
+        stage_mixed(rec, args.cache, acts, args)
     for mode in ("group", "sequential"):
         if mode in stages:
             stage_diffusers_offload(rec, args.cache, mode, 2 if mode == "group" else 1)

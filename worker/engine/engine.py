@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from worker.engine.calibration import DEFAULT_SPEED
+from worker.engine.calibration import DEFAULT_SPEED, compiled_activations
 from worker.engine.compiled import graphs_compiled
 from worker.engine.loading import EngineError, LoadedPipeline
 from worker.engine.offload import apply_offload
@@ -112,7 +112,7 @@ class Engine:
         self.loaded = loaded
         self.mode = mode
         self.budget = budget
-        self.activations = activations
+        self.activations = compiled_activations(activations) if compile else activations
         self.speed = speed or DEFAULT_SPEED
         self.vae_tiling = vae_tiling
         self.compile = compile
