@@ -76,8 +76,20 @@ def record_progress(session: Session, *, job_id: str, lease_token: str, step: in
 def finish_job(
     session: Session, *, job_id: str, lease_token: str, result_path: str, stats: dict[str, Any]
 ) -> bool:
-    """Mark succeeded with its image and stats in one transaction, only while the lease holds."""
-    return _finalise(session, job_id, lease_token, JobStatus.SUCCEEDED, stats, result_path=result_path)
+    """Mark succeeded with its image and stats in one transaction, only while the lease holds.
+
+    Progress is written behind the render, so the last step may not have reached SQL yet: a job that
+    succeeded did every step.
+    """
+    return _finalise(
+        session,
+        job_id,
+        lease_token,
+        JobStatus.SUCCEEDED,
+        stats,
+        result_path=result_path,
+        progress_step=Job.steps,
+    )
 
 
 def fail_job(

@@ -16,7 +16,9 @@ from jobs.params import GenerationParams
 from jobs.states import JobStatus
 from jobs.tables import Job
 
-FIFO = (Job.priority.desc(), Job.created_at, Job.batch_index, Job.id)
+# A job that already used an attempt (its worker died) goes behind fresh jobs of its priority: a crash
+# that keeps recurring then spreads over the batch instead of spending one job's every attempt.
+FIFO = (Job.priority.desc(), Job.attempts, Job.created_at, Job.batch_index, Job.id)
 CLAIMABLE = (
     Job.status == JobStatus.QUEUED,
     Job.attempts < Job.max_attempts,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
@@ -241,10 +241,69 @@ def test_queued_jobs_share_one_text_encoder_pass(runner: JobRunner, factory: ses
 
 
 def test_a_retried_job_runs_alone(runner: JobRunner, factory: sessionmaker[Session]) -> None:
-    """A job that already used an attempt (it may have crashed a worker) neither groups nor is grouped."""
+    """A job that already used an attempt (it may have crashed a worker) waits behind fresh jobs of its
+    priority, and neither groups nor is grouped."""
     crashed, fresh = new_job(factory), new_job(factory)
     with transaction(factory) as session:
         session.execute(update(Job).where(Job.id == crashed).values(attempts=1))
+    assert run_to_end(runner, crashed) == "rendered"  # the message wakes the worker; fresh work goes first
+    assert job_row(factory, fresh).status == "succeeded"
+    assert job_row(factory, crashed).status == "queued"
+    assert "group" not in stored_plan(factory, fresh)
     assert run_to_end(runner, crashed) == "rendered"
-    assert job_row(factory, fresh).status == "queued"
+    assert job_row(factory, crashed).status == "succeeded" and job_row(factory, crashed).attempts == 2
     assert "group" not in stored_plan(factory, crashed)
+
+
+def test_an_odd_size_job_waits_at_most_the_reorder_wait(
+    settings: Settings, factory: sessionmaker[Session], holder: EngineHolder
+) -> None:
+    """Same-size jobs go ahead of an older odd-size job, but only for MAX_REORDER_WAIT_S past its turn."""
+    wait_s = 0.15  # a tiny job takes about 0.04 s here: twenty of them outlast the wait
+    runner = JobRunner(
+        settings.model_copy(update={"max_reorder_wait_s": wait_s, "encode_group_size": 1}), factory, holder
+    )
+    try:
+        assert run_to_end(runner, new_job(factory)) == "rendered"  # the worker now prefers 64x64
+        odd = insert_sized(factory, 64, 96)
+        usual = [insert_sized(factory, 64, 64) for _ in range(20)]
+        order: list[str] = []
+        for _ in range(60):  # one message per job would do; spare wake-ups are skipped
+            if len(order) == 21:
+                break
+            runner.run(odd)  # any message wakes the worker; it picks by priority, size and wait
+            runner.drain()
+            order = finished_in_order(factory, [odd, *usual])
+    finally:
+        runner.close()
+    position = order.index(odd)
+    assert 0 < position < len(order) - 1, order  # passed over, then run before the others were done
+    with factory() as session:
+        first_passed = session.get_one(Job, order[0]).started_at
+        odd_started = session.get_one(Job, odd).started_at
+    assert first_passed is not None and odd_started is not None
+    # It started within the wait (plus the one job that was running when the wait ran out).
+    longest_job = max(job_seconds(factory, job_id) for job_id in order[:position])
+    assert (odd_started - first_passed).total_seconds() <= wait_s + longest_job + 0.5
+
+
+def insert_sized(factory: sessionmaker[Session], width: int, height: int) -> str:
+    """Insert one queued tiny job of this size."""
+    job = params().model_copy(update={"width": width, "height": height})
+    with transaction(factory) as session:
+        return insert_job(session, params=job, priority=0, max_attempts=3).job_ids[0]
+
+
+def finished_in_order(factory: sessionmaker[Session], job_ids: list[str]) -> list[str]:
+    """These jobs that succeeded, in the order they started."""
+    with factory() as session:
+        rows = session.scalars(select(Job).where(Job.id.in_(job_ids), Job.status == "succeeded")).all()
+        return [row.id for row in sorted(rows, key=lambda row: row.started_at or row.created_at)]
+
+
+def job_seconds(factory: sessionmaker[Session], job_id: str) -> float:
+    """Wall seconds from a job's claim to its commit."""
+    with factory() as session:
+        job = session.get_one(Job, job_id)
+        assert job.started_at is not None and job.finished_at is not None
+        return (job.finished_at - job.started_at).total_seconds()

@@ -9,6 +9,7 @@ Like group offloading, it is attached as forward hooks and never edits the model
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+# Streamed blocks whose compute may still be pending when a new copy starts (see _wait_for_room).
+MAX_PENDING_COMPUTE = 1
 
 
 @dataclass
@@ -57,6 +61,8 @@ class BlockStreamer:
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pin = device.type == "cuda"
         self.streamed_bytes_per_pass = 0
+        # Compute-stream events, one per streamed block the CPU has already run past (see _wait_for_room).
+        self._computed: deque[torch.cuda.Event] = deque()
         self._handles: list[RemovableHandle] = []
         for block in self.blocks:
             self._handles.append(block.module.register_forward_pre_hook(self._before(block)))
@@ -127,8 +133,29 @@ class BlockStreamer:
         def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
             if not block.resident:
                 self._swap_out(block)
+                self._note_computed()
 
         return hook
+
+    def _note_computed(self) -> None:
+        if self.copy_stream is None:
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._computed.append(done)
+
+    def _wait_for_room(self) -> None:
+        """Keep copies from running far ahead of compute.
+
+        The CPU queues kernels well ahead of the GPU. Unchecked, it would start copies for blocks many
+        steps ahead, each in fresh memory, while the memory of blocks already run is still held for
+        the compute stream. The allocator then reaches the budget's cap and must synchronise the whole
+        device to free cached blocks, which empties the copy queue and leaves the copy engine idle.
+        Waiting here until all but the latest streamed block has computed keeps the memory of a
+        finished block free for the next copy, while `lookahead` copies stay queued.
+        """
+        while len(self._computed) > MAX_PENDING_COMPUTE:
+            self._computed.popleft().synchronize()
 
     def _prefetch(self, block: StreamedBlock) -> None:
         """Start copying a streamed block to the device on the side stream (no-op if in flight)."""
@@ -137,6 +164,7 @@ class BlockStreamer:
         if self.copy_stream is None:
             block.device_copy = [h.to(self.device) for h in block.host]
             return
+        self._wait_for_room()
         with torch.cuda.stream(self.copy_stream):
             block.device_copy = [h.to(self.device, non_blocking=True) for h in block.host]
             block.ready = torch.cuda.Event()
@@ -175,6 +203,7 @@ class BlockStreamer:
         """Wait for copies in flight and drop prefetched copies (before re-planning)."""
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
+        self._computed.clear()
         for block in self.blocks:
             if not block.resident and block.device_copy is not None:
                 block.device_copy, block.ready = None, None
