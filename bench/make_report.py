@@ -49,7 +49,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
         "| cap | target | single jobs | 16 queued | peak reserved ≤ cap | predicted vs measured peak |",
         "|---|---|---|---|---|---|",
     ]
-    for cap, target in TARGETS.items():
+    if not any("single jobs" in str(r.get("name")) for r in rows):
+        lines = []  # a run without the single-job stages (e.g. only mixed sizes): no target table
+    for cap, target in TARGETS.items() if lines else []:
         mine = [
             r
             for r in rows
@@ -70,6 +72,13 @@ def summary(rows: list[dict[str, Any]]) -> str:
             f"{max(errors, default=0):.1%} worst |"
         )
     for r in rows:
+        if "compiled" in str(r.get("name")) and r.get("max_abs_pixel_diff") is not None:
+            lines += [
+                "",
+                f"{r['name']}: pixels against eager with everything resident, same seeds: max |diff| "
+                f"{r['max_abs_pixel_diff']}/255, mean {r.get('mean_abs_pixel_diff')}, share of pixels off by "
+                f"more than 8: {r.get('share_over_8')}.",
+            ]
         if "mixed" in str(r.get("name")):
             lines += [
                 "",
@@ -166,7 +175,8 @@ def service_notes(meta: dict[str, Any]) -> str:
 
     penalty = meta.get("mixed_penalty")
     at = f" at {get('mixed_penalty_budget_gb')} GB" if penalty is not None else ""
-    notes = [
+    notes = [meta["note"]] if meta.get("note") else []
+    notes += [
         f"Reference (diffusers, everything on the GPU, eager, 1024², 9 steps): {get('reference_s')} s/image; "
         f"compiled: {get('compiled_s')} s/image; pinned host-to-device: {get('pinned_gb_per_s')} GB/s.",
         f"Model {get('model')}, {get('prompts')} prompts of {get('prompt_lengths_words')} words, "

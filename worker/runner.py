@@ -84,9 +84,11 @@ class JobRunner:
         claim = with_retries(self._factory, lambda session: self._claim(session, job_id))
         if isinstance(claim, str):
             return claim
+        log.info("claimed job %s (attempt %d)", claim.job_id, claim.attempt)
         claims = [claim, *self._claim_groupmates(claim)]
         for each in claims:
-            log.info("claimed job %s (attempt %d)", each.job_id, each.attempt)
+            if each is not claim:
+                log.info("claimed job %s (attempt %d)", each.job_id, each.attempt)
             self.leases.hold(each)
         embeds = self._encode_group(claims) if len(claims) > 1 else {}
         outcomes = [self._render_claimed(each, embeds.get(each.job_id)) for each in claims]

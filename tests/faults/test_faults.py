@@ -169,11 +169,18 @@ def test_sigstop_past_the_heartbeat_window_refuses_the_stale_result(make_stack: 
     stack: FaultStack = make_stack(workers=2)  # type: ignore[operator]
     job_ids = stack.submit([f"freeze {i}" for i in range(4)], **SLOW)
     wait_until(lambda: bool(stack.running(job_ids)), 120, "a running job")
-    frozen = next(
-        name
-        for name in stack.workers
-        if f"claimed job {stack.running(job_ids)[0]}" in stack.stack.log_tail(name, 100_000)
-    )
+
+    def worker_running_a_job() -> str | None:
+        # The claim commits a moment before its log line: look until a worker owns a running job.
+        running = stack.running(job_ids)
+        for name in stack.workers:
+            if running and f"claimed job {running[0]}" in stack.stack.log_tail(name, 100_000):
+                return str(name)
+        return None
+
+    wait_until(lambda: worker_running_a_job() is not None, 60, "the worker of a running job")
+    frozen = worker_running_a_job()
+    assert frozen is not None
     stack.signal(frozen, signal.SIGSTOP)
     time.sleep(stack.settings.heartbeat_stale_s + 3)  # the reconciler takes the job back
     stack.signal(frozen, signal.SIGCONT)
