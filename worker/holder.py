@@ -8,11 +8,12 @@ from typing import Any
 
 from jobs.settings import Settings
 from worker.engine.budget import apply_device_cap, resolve_budget
-from worker.engine.calibration import DEFAULT_ACTIVATIONS
-from worker.engine.engine import Engine, release_memory
+from worker.engine.calibration import DEFAULT_ACTIVATIONS, calibrated_scale, with_scale
+from worker.engine.engine import Engine
 from worker.engine.loading import LoadedPipeline, configure_attention, load_pipeline, pick_device
 from worker.engine.memory import device_name
-from worker.engine.plan import ActivationModel, Budget, calibrated_scale, with_scale
+from worker.engine.plan import ActivationModel, Budget
+from worker.engine.records import release_memory
 
 log = logging.getLogger(__name__)
 

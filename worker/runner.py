@@ -28,9 +28,9 @@ from jobs.ordering import PassedOver, Preference, next_job_ids
 from jobs.params import GenerationParams
 from jobs.settings import Settings
 from worker.engine import EngineError, RenderCancelled, RenderRequest, RenderStats
-from worker.engine.engine import LadderExhausted
 from worker.engine.loading import pick_device
 from worker.engine.memory import device_name
+from worker.engine.records import LadderExhausted
 from worker.holder import EngineHolder
 from worker.leases import LeaseKeeper
 from worker.writer import ImageWriter, RenderedImage

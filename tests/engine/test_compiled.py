@@ -17,7 +17,8 @@ import torch
 from worker.engine import RenderRequest, load_pipeline, render
 from worker.engine.compiled import compile_blocks, graphs_compiled, is_compiled
 from worker.engine.placement import PlannedPlacement, transformer_blocks
-from worker.engine.plan import Plan, spread_resident
+from worker.engine.plan import Plan
+from worker.engine.spread import spread_resident
 
 TINY = "synthetic:tiny"
 CPU = torch.device("cpu")

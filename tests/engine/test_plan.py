@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from worker.engine.calibration import DEFAULT_ACTIVATIONS, DEFAULT_SPEED
+from worker.engine.calibration import DEFAULT_ACTIVATIONS, DEFAULT_SPEED, calibrated_scale, with_scale
 from worker.engine.plan import (
     FRAGMENTATION_HEADROOM,
     GB,
@@ -16,15 +16,13 @@ from worker.engine.plan import (
     Budget,
     ModelSizes,
     Plan,
-    calibrated_scale,
     diffusers_plan,
     plan_ladder,
     same_placement,
-    spread_resident,
     stream_buffers,
     usable,
-    with_scale,
 )
+from worker.engine.spread import spread_resident
 
 ACTS = DEFAULT_ACTIVATIONS
 BLOCK = int(0.36 * GB)

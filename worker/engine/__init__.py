@@ -6,8 +6,9 @@ import os
 # reserved memory close to the allocated memory. It must be set before CUDA initialises.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from worker.engine.engine import Engine, LadderExhausted
+from worker.engine.engine import Engine
 from worker.engine.loading import EngineError, LoadedPipeline, load_pipeline
+from worker.engine.records import LadderExhausted
 from worker.engine.render import (
     RenderCancelled,
     RenderRequest,

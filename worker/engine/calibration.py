@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from worker.engine.plan import ActivationModel, SpeedModel
+from worker.engine.costs import ActivationModel, SpeedModel
 
 DEFAULT_ACTIVATIONS = ActivationModel(
     encode_base=205_529_600,
@@ -41,3 +41,22 @@ COMPILED_DENOISE_FACTOR = 307.0 / 477.0
 def compiled_activations(activations: ActivationModel) -> ActivationModel:
     """The activation estimates for compiled transformer blocks."""
     return replace(activations, denoise_per_pixel=activations.denoise_per_pixel * COMPILED_DENOISE_FACTOR)
+
+
+def with_scale(acts: ActivationModel, scale: float) -> ActivationModel:
+    """The same model with activations scaled (calibration from measured peaks)."""
+    return replace(acts, scale=scale)
+
+
+def calibrated_scale(records: list[tuple[dict[str, object], int]]) -> float:
+    """How far measured transients ran over predicted ones: max ratio over past jobs, kept in [0.8, 2].
+
+    Each record is (the plan as stored with the job, its measured peak allocated bytes).
+    """
+    ratios = []
+    for plan, measured in records:
+        weights = int(plan.get("resident_weight_bytes", 0) or 0)  # type: ignore[call-overload]
+        predicted = int(plan.get("predicted_peak_bytes", 0) or 0)  # type: ignore[call-overload]
+        if predicted > weights and measured > weights:
+            ratios.append((measured - weights) / (predicted - weights))
+    return min(2.0, max(0.8, max(ratios))) if ratios else 1.0

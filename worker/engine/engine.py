@@ -7,17 +7,15 @@ pins tensors) and retries on the next rung. Every attempt is recorded with the j
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
-from worker.engine.calibration import DEFAULT_SPEED, compiled_activations
+from worker.engine.calibration import DEFAULT_SPEED, compiled_activations, with_scale
 from worker.engine.compiled import graphs_compiled
 from worker.engine.loading import EngineError, LoadedPipeline
 from worker.engine.offload import apply_offload
@@ -33,8 +31,8 @@ from worker.engine.plan import (
     fit_to_size,
     placement_key,
     plan_ladder,
-    with_scale,
 )
+from worker.engine.records import Attempt, LadderExhausted, PlacementView, release_memory
 from worker.engine.render import Embeds, RenderRequest, RenderResult, StepCallback, render
 
 log = logging.getLogger(__name__)
@@ -43,46 +41,6 @@ ENGINE_MODES: tuple[str, ...] = get_args(EngineMode)
 # Each out-of-memory error raises the activation estimates by this factor, up to the cap.
 OOM_SCALE_STEP = 1.1
 OOM_SCALE_CAP = 2.0
-
-
-class LadderExhausted(EngineError):
-    """Every rung ran out of memory; the job fails as resource_exhausted and the worker lives on."""
-
-    def __init__(self, attempts: list[dict[str, Any]]) -> None:
-        super().__init__(f"resource_exhausted: out of memory on every rung ({len(attempts)} attempts)")
-        self.attempts = attempts
-
-
-@dataclass
-class Attempt:
-    """One try of a job on one rung."""
-
-    plan: Plan
-    outcome: str
-    seconds: float
-
-    def record(self) -> dict[str, Any]:
-        """As stored in the job's stats."""
-        return {
-            "plan": self.plan.describe(),
-            "rung": self.plan.rung,
-            "outcome": self.outcome,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-@dataclass(frozen=True)
-class PlacementView:
-    """A read-only look at where the engine keeps the pipeline now (for stats, benchmarks, profile)."""
-
-    rung: str
-    description: str
-    resident_blocks: int
-    total_blocks: int
-    streamed_bytes_per_step: int
-    text_encoder_streamed: bool
-    planned_for: tuple[int, int] | None
-    compiled: bool
 
 
 class Engine:
@@ -365,11 +323,3 @@ WARM_UP_PROMPTS = (
 def pixels(size: tuple[int, int]) -> int:
     """A size's pixel count, which is what activations grow with."""
     return size[0] * size[1]
-
-
-def release_memory(device: torch.device) -> None:
-    """Free what a failed attempt or an old placement left behind."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from worker.engine.costs import GB, ActivationModel, Budget, ModelSizes, SpeedModel
+from worker.engine.spread import spread_resident
 
 __all__ = ["GB", "ActivationModel", "Budget", "ModelSizes", "Plan", "SpeedModel", "plan_ladder"]
 
@@ -72,43 +73,6 @@ class Plan:
             "pinned_host_bytes": self.pinned_host_bytes,
             "streamed_bytes_per_step": self.streamed_bytes_per_step,
         }
-
-
-def stream_order(total: int) -> list[int]:
-    """The order in which blocks leave the device as the budget shrinks.
-
-    Every prefix is spread through the stack, so each copy hides behind compute; and the prefixes
-    nest, so planning for a bigger size streams the same blocks plus a few more and a re-placement
-    moves only those. Odd positions go first: up to half the stack streams with no two streamed
-    blocks side by side.
-    """
-    return spread_order(list(range(1, total, 2))) + spread_order(list(range(0, total, 2)))
-
-
-def spread_order(items: list[int]) -> list[int]:
-    """The items in an order whose every prefix is spread evenly (van der Corput, from the middle)."""
-    picked: list[int] = []
-    for i in range(4 * len(items)):
-        index = int(((van_der_corput(i) + 0.5) % 1.0) * len(items))
-        if items[index] not in picked:
-            picked.append(items[index])
-    return picked + [item for item in items if item not in picked]
-
-
-def van_der_corput(i: int) -> float:
-    """The i-th point of the base-2 van der Corput sequence: 0, 1/2, 1/4, 3/4, 1/8, ..."""
-    value, denominator = 0.0, 1.0
-    while i:
-        denominator *= 2
-        value += (i & 1) / denominator
-        i >>= 1
-    return value
-
-
-def spread_resident(total: int, resident: int) -> frozenset[int]:
-    """Which blocks stay resident: all but the first `total - resident` of the stream order."""
-    streamed = max(0, total - resident)
-    return frozenset(range(total)) - frozenset(stream_order(total)[:streamed])
 
 
 def usable(budget: Budget) -> int:
@@ -314,11 +278,6 @@ def _sequential_plan(sizes: ModelSizes, acts: ActivationModel, width: int, heigh
     )
 
 
-def with_scale(acts: ActivationModel, scale: float) -> ActivationModel:
-    """The same model with activations scaled (calibration from measured peaks)."""
-    return replace(acts, scale=scale)
-
-
 def diffusers_plan(mode: Rung, sizes: ModelSizes, acts: ActivationModel, width: int, height: int) -> Plan:
     """A plan for one of diffusers' own offload modes, as the worker's OFFLOAD_MODE asks."""
     total = len(sizes.transformer_blocks)
@@ -344,17 +303,3 @@ def diffusers_plan(mode: Rung, sizes: ModelSizes, acts: ActivationModel, width: 
         resident_weight_bytes=weights,
         transformer_blocks_total=total,
     )
-
-
-def calibrated_scale(records: list[tuple[dict[str, object], int]]) -> float:
-    """How far measured transients ran over predicted ones: max ratio over past jobs, kept in [0.8, 2].
-
-    Each record is (the plan as stored with the job, its measured peak allocated bytes).
-    """
-    ratios = []
-    for plan, measured in records:
-        weights = int(plan.get("resident_weight_bytes", 0) or 0)  # type: ignore[call-overload]
-        predicted = int(plan.get("predicted_peak_bytes", 0) or 0)  # type: ignore[call-overload]
-        if predicted > weights and measured > weights:
-            ratios.append((measured - weights) / (predicted - weights))
-    return min(2.0, max(0.8, max(ratios))) if ratios else 1.0
