@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     fault_exit_on_prompt: str | None = Field(
         None, description="testing only: a worker exits mid-job when a prompt contains this text"
     )
+    fault_exit_before_write: str | None = Field(
+        None,
+        description="testing only: a worker exits after rendering a job whose prompt contains this text, "
+        "before its first attempt's image is written",
+    )
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the data dir."""

@@ -69,7 +69,11 @@ class JobRunner:
         self._holder = holder
         self.leases = LeaseKeeper(factory, settings.heartbeat_interval_s)
         self.writer = ImageWriter(
-            factory, self.leases, settings.resolved_outputs_dir(), capacity=settings.image_writer_queue
+            factory,
+            self.leases,
+            settings.resolved_outputs_dir(),
+            capacity=settings.image_writer_queue,
+            exit_before_write=settings.fault_exit_before_write,
         )
         self._preference: Preference | None = None
         self._passed_over = PassedOver()

@@ -10,6 +10,7 @@ and nothing is marked done without its file.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -49,8 +50,10 @@ class ImageWriter:
         outputs_dir: Path,
         *,
         capacity: int = 2,
+        exit_before_write: str | None = None,
     ) -> None:
         self._factory = factory
+        self._exit_before_write = exit_before_write
         self._leases = leases
         self._outputs_dir = outputs_dir
         self._queue: queue.Queue[RenderedImage | None] = queue.Queue(maxsize=capacity)
@@ -96,6 +99,9 @@ class ImageWriter:
 
     def _store(self, rendered: RenderedImage) -> str:
         claim = rendered.claim
+        marker = self._exit_before_write
+        if marker and marker in claim.params.prompt and claim.attempt == 1:
+            os._exit(1)  # testing only (FAULT_EXIT_BEFORE_WRITE): die between the render and the write
         path = image_path(self._outputs_dir, claim.job_id, claim.batch_id, claim.lease_token)
         started = time.perf_counter()
         try:

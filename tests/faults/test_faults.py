@@ -164,6 +164,21 @@ def test_poison_job_fails_after_max_attempts_and_the_queue_drains(make_stack: ob
     record("poison job", {**counts, "poison_attempts": detail["attempts"], "duplicates": 0})
 
 
+def test_a_worker_dying_between_render_and_write_loses_nothing(make_stack: object) -> None:
+    """The worker exits after rendering a job and before its writer stores it: the job is still running,
+    its heartbeat stops, the reconciler requeues it and a restarted worker renders and stores it once."""
+    stack: FaultStack = make_stack(fault_exit_before_write="DIE-BEFORE-WRITE")  # type: ignore[operator]
+    marked = stack.submit(["DIE-BEFORE-WRITE once"], **FAST)
+    others = stack.submit([f"behind it {i}" for i in range(4)], **FAST)
+    stack.wait_finished(marked + others, timeout=300)
+    counts = assert_exactly_once(stack, marked + others)
+    detail = stack.http.get(f"/v1/jobs/{marked[0]}").json()
+    assert detail["attempts"] == 2  # the first attempt rendered but never wrote; the second stored it
+    record(
+        "exit between render and write", {**counts, "marked_attempts": detail["attempts"], "duplicates": 0}
+    )
+
+
 def test_sigstop_past_the_heartbeat_window_refuses_the_stale_result(make_stack: object) -> None:
     """A frozen worker loses its lease; after SIGCONT its late result is refused and its file removed."""
     stack: FaultStack = make_stack(workers=2)  # type: ignore[operator]
