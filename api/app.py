@@ -7,8 +7,10 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
+from api.overload import add_load_shedding
 from api.routes import batches, jobs, system
 from jobs.db import make_engine, make_session_factory
 from jobs.queue import Publisher
@@ -21,10 +23,16 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> FastAPI:
     """An app wired to the configured database and broker."""
     settings = settings or get_settings()
-    engine = make_engine(settings.resolved_database_url())
+    # Every thread that serves a blocking route can hold a connection; the reconciler holds one more.
+    engine = make_engine(
+        settings.resolved_database_url(),
+        pool_size=settings.api_threads + 2,
+        pool_timeout_s=settings.db_pool_timeout_s,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         stop = threading.Event()
         if reconcile:
             threading.Thread(target=_reconcile_loop, args=(app, settings, stop), daemon=True).start()
@@ -38,6 +46,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.state.publisher = Publisher(settings)
     for module in (jobs, batches, system):
         app.include_router(module.router)
+    add_load_shedding(app, settings.api_max_inflight)
     return app
 
 

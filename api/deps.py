@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -11,29 +12,58 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.queue import Publisher
 from jobs.settings import Settings
 
+Result = TypeVar("Result")
 
-def get_factory(request: Request) -> sessionmaker[Session]:
+
+# Plain getters are `async def`: FastAPI would run a sync dependency in a worker thread, one more hop
+# for nothing under load.
+async def get_factory(request: Request) -> sessionmaker[Session]:
     """The app's session factory."""
     return request.app.state.session_factory  # type: ignore[no-any-return]
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """A session for one request, closed afterwards."""
-    with get_factory(request)() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for one request; routes close it themselves (`closes_session`), this is the backstop.
+
+    Closed on the event loop: a sync generator's cleanup would need a free worker thread.
+    """
+    session = (await get_factory(request))()
+    try:
         yield session
+    finally:
+        session.close()
 
 
-def get_publisher(request: Request) -> Publisher:
+def closes_session(route: Callable[..., Result]) -> Callable[..., Result]:
+    """Close the route's `session` in the route's own thread, as soon as it returns.
+
+    FastAPI validates a sync route's return value in a second worker-thread hop, and a dependency's
+    cleanup runs only after that. A session still open then holds its connection while it waits for a
+    thread, and under a burst every thread can be waiting for a connection (fastapi/fastapi#3205):
+    the pool deadlocks until its timeout. Routes build plain dicts, so nothing needs the session after.
+    """
+
+    @functools.wraps(route)
+    def run_and_close(*args: Any, **kwargs: Any) -> Result:
+        try:
+            return route(*args, **kwargs)
+        finally:
+            kwargs["session"].close()
+
+    return run_and_close
+
+
+async def get_publisher(request: Request) -> Publisher:
     """The app's broker publisher."""
     return request.app.state.publisher  # type: ignore[no-any-return]
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was built with."""
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 FactoryDep = Annotated[sessionmaker[Session], Depends(get_factory)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

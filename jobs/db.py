@@ -17,14 +17,19 @@ log = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 
-def make_engine(url: str) -> Engine:
-    """An engine tuned for the backend: WAL and a busy timeout on SQLite, pre-ping elsewhere."""
+def make_engine(url: str, *, pool_size: int = 5, pool_timeout_s: float = 30.0) -> Engine:
+    """An engine tuned for the backend: WAL and a busy timeout on SQLite, pre-ping elsewhere.
+
+    A server passes a pool as large as the threads that may hold a connection at once, so a thread
+    never waits for a connection that only another waiting request could give back.
+    """
+    pool = {"pool_size": pool_size, "max_overflow": pool_size, "pool_timeout": pool_timeout_s}
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def _ensure_sqlite_folder(url: str) -> None:

@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     max_batch_jobs: int = Field(10_000, ge=1)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_threads: int = Field(
+        16, ge=1, le=256, description="threads serving the API's blocking routes; its database pool matches"
+    )
+    api_max_inflight: int = Field(
+        256, ge=1, description="requests in progress beyond which the API sheds load with 503 and Retry-After"
+    )
+    db_pool_timeout_s: float = Field(
+        5.0, gt=0, description="seconds a request waits for a database connection before a 503"
+    )
     api_url: str | None = Field(
         None, description="Where the CLI finds the API; unset = http://API_HOST:API_PORT"
     )

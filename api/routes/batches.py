@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import UploadFile
 
 from api.archive import build_archive
-from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep
+from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
 from api.errors import invalid, not_found
 from api.submission import expansion_errors, parse_body, resolve_model
 from api.uploads import parse_prompt_file
@@ -120,12 +120,14 @@ def load_batch(session: SessionDep, batch_id: str) -> Batch:
 
 
 @router.get("/{batch_id}")
+@closes_session
 def get_batch(batch_id: str, session: SessionDep) -> dict[str, Any]:
     """Status, counts per state, progress in [0, 1] and an ETA from measured times."""
     return batch_view(session, load_batch(session, batch_id))
 
 
 @router.get("/{batch_id}/jobs")
+@closes_session
 def list_batch_jobs(batch_id: str, session: SessionDep) -> dict[str, Any]:
     """Every job of the batch with its status, in submission order."""
     load_batch(session, batch_id)
@@ -138,6 +140,7 @@ def list_batch_jobs(batch_id: str, session: SessionDep) -> dict[str, Any]:
 
 
 @router.get("/{batch_id}/archive", response_class=FileResponse)
+@closes_session
 def get_batch_archive(
     batch_id: str, session: SessionDep, settings: SettingsDep, cleanup: BackgroundTasks
 ) -> FileResponse:

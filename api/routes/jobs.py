@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, HTTPException, status
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep
+from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
 from api.errors import not_found
 from api.submission import expansion_errors, resolve_model
 from jobs.batching import ExpansionError, JobCreate, job_params
@@ -58,12 +58,14 @@ def load_job(session: SessionDep, job_id: str) -> Job:
 
 
 @router.get("/{job_id}")
+@closes_session
 def get_job(job_id: str, session: SessionDep) -> dict[str, Any]:
     """A job's status, progress, queue position, error and memory stats."""
     return job_view(session, load_job(session, job_id))
 
 
 @router.get("/{job_id}/image", response_class=FileResponse)
+@closes_session
 def get_job_image(job_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
     """The PNG of a succeeded job; its text metadata holds the prompt, seed, size, steps and model."""
     job = load_job(session, job_id)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, text
 
-from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep
+from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
 from jobs.controls import is_paused, set_paused
 from jobs.reconcile import reconcile_once
 from jobs.tables import Job
@@ -18,12 +18,14 @@ router = APIRouter(tags=["system"])
 
 
 @router.get("/v1/stats")
+@closes_session
 def get_stats(session: SessionDep) -> dict[str, Any]:
     """Peak memory and seconds per image by resolution and offload mode, from recorded jobs."""
     return {"rows": stats_by_resolution(session)}
 
 
 @router.get("/v1/queue")
+@closes_session
 def get_queue(session: SessionDep) -> dict[str, Any]:
     """Whether the queue is paused, and how many jobs are queued and running."""
     counts = dict(
@@ -56,6 +58,7 @@ def resume_queue(factory: FactoryDep, publisher: PublisherDep, settings: Setting
 
 
 @router.get("/healthz")
+@closes_session
 def healthz(session: SessionDep, publisher: PublisherDep) -> JSONResponse:
     """200 when both the database and the broker answer, else 503 naming the one that did not."""
     checks = {"database": _check(lambda: session.execute(text("SELECT 1"))), "broker": _check(publisher.ping)}
