@@ -6,7 +6,7 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Path, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.queue import Publisher
@@ -67,3 +67,18 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 FactoryDep = Annotated[sessionmaker[Session], Depends(get_factory)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+# Ids are UUIDs: anything else is a 422 before any query (a NUL in a path used to reach PostgreSQL).
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+JobId = Annotated[str, Path(pattern=UUID_PATTERN, description="a job id (UUID)")]
+BatchId = Annotated[str, Path(pattern=UUID_PATTERN, description="a batch id (UUID)")]
+
+
+async def idempotency_key(
+    key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> str | None:
+    """The Idempotency-Key header; empty or blank means no key (it used to be stored as one)."""
+    return key.strip() or None if key is not None else None
+
+
+IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]

@@ -39,7 +39,7 @@ class Size(BaseModel):
     def _from_text_or_pair(cls, value: Any) -> Any:
         if isinstance(value, str):
             width, sep, height = value.lower().partition("x")
-            if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+            if not sep or not is_ascii_number(width) or not is_ascii_number(height):
                 raise ValueError(f"size must look like 1024x768, got {value!r}")
             return {"width": int(width), "height": int(height)}
         if isinstance(value, list | tuple):
@@ -47,6 +47,12 @@ class Size(BaseModel):
                 raise ValueError("size must be [width, height]")
             return {"width": value[0], "height": value[1]}
         return value
+
+
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: `str.isdigit` also accepts full-width and other scripts' digits."""
+    stripped = text.strip()
+    return stripped.isascii() and stripped.isdigit()
 
 
 class JobCreate(BaseModel):
@@ -61,7 +67,7 @@ class JobCreate(BaseModel):
     steps: int = 9
     guidance_scale: float = 0.0
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)
     dtype: Dtype = "bf16"
     priority: int = Field(0, ge=0, le=9)
 
@@ -80,7 +86,7 @@ class BatchCreate(BaseModel):
     guidance_scale: float = 0.0
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     seeds: list[int] | None = Field(None, min_length=1)
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)
     dtype: Dtype = "bf16"
     priority: int = Field(0, ge=0, le=9)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -11,6 +12,11 @@ SIZE_MULTIPLE = 16
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_PIXELS = 2048 * 2048
 MAX_SEED = 2**63 - 1
+
+
+def is_control(char: str) -> bool:
+    """A control character other than tab and newline (which prompt files may hold)."""
+    return unicodedata.category(char) == "Cc" and char not in "\t\n\r"
 
 
 class GenerationParams(BaseModel):
@@ -33,6 +39,16 @@ class GenerationParams(BaseModel):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("prompt", "negative_prompt", "model")
+    @classmethod
+    def _no_control_characters(cls, value: str | None) -> str | None:
+        # PostgreSQL refuses NUL in text and SQLite would store it; neither belongs in a prompt.
+        text = value or ""
+        bad = next((i for i, char in enumerate(text) if is_control(char)), None)
+        if bad is not None:
+            raise ValueError(f"must not contain control characters (U+{ord(text[bad]):04X} at {bad})")
         return value
 
     @field_validator("width", "height")

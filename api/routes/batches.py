@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Request, status
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import UploadFile
 
 from api.archive import build_archive
-from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
+from api.deps import (
+    BatchId,
+    FactoryDep,
+    IdempotencyKeyDep,
+    PublisherDep,
+    SessionDep,
+    SettingsDep,
+    closes_session,
+)
 from api.errors import invalid, not_found
 from api.submission import expansion_errors, parse_body, resolve_model
 from api.uploads import parse_prompt_file
@@ -24,7 +32,6 @@ from jobs.tables import Batch, Job
 from jobs.views import batch_view, not_superseded
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 LIST_FIELDS = {"seeds", "sizes"}
 
@@ -60,7 +67,7 @@ async def create_batch(
     factory: FactoryDep,
     publisher: PublisherDep,
     settings: SettingsDep,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> dict[str, Any]:
     """Queue prompts x seeds x sizes in one transaction; returns the batch id and every job id."""
     body = parse_body(BatchCreate, await _batch_payload(request))
@@ -121,14 +128,14 @@ def load_batch(session: SessionDep, batch_id: str) -> Batch:
 
 @router.get("/{batch_id}")
 @closes_session
-def get_batch(batch_id: str, session: SessionDep) -> dict[str, Any]:
+def get_batch(batch_id: BatchId, session: SessionDep) -> dict[str, Any]:
     """Status, counts per state, progress in [0, 1] and an ETA from measured times."""
     return batch_view(session, load_batch(session, batch_id))
 
 
 @router.get("/{batch_id}/jobs")
 @closes_session
-def list_batch_jobs(batch_id: str, session: SessionDep) -> dict[str, Any]:
+def list_batch_jobs(batch_id: BatchId, session: SessionDep) -> dict[str, Any]:
     """Every job of the batch with its status, in submission order."""
     load_batch(session, batch_id)
     rows = session.execute(
@@ -142,7 +149,7 @@ def list_batch_jobs(batch_id: str, session: SessionDep) -> dict[str, Any]:
 @router.get("/{batch_id}/archive", response_class=FileResponse)
 @closes_session
 def get_batch_archive(
-    batch_id: str, session: SessionDep, settings: SettingsDep, cleanup: BackgroundTasks
+    batch_id: BatchId, session: SessionDep, settings: SettingsDep, cleanup: BackgroundTasks
 ) -> FileResponse:
     """A zip of the batch's images plus manifest.json (every job, its parameters and memory stats)."""
     batch = load_batch(session, batch_id)
@@ -152,7 +159,7 @@ def get_batch_archive(
 
 
 @router.post("/{batch_id}/retry", status_code=status.HTTP_201_CREATED)
-def retry_batch(batch_id: str, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
+def retry_batch(batch_id: BatchId, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
     """Queue a fresh copy of every failed or cancelled job of the batch (each linked to its original)."""
     try:
         with factory() as session, session.begin():
@@ -167,7 +174,7 @@ def retry_batch(batch_id: str, factory: FactoryDep, publisher: PublisherDep) -> 
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: str, factory: FactoryDep) -> dict[str, Any]:
+def cancel_batch(batch_id: BatchId, factory: FactoryDep) -> dict[str, Any]:
     """Cancel the batch's queued jobs at once and stop its running job at the next step."""
     with factory() as session, session.begin():
         load_batch(session, batch_id)

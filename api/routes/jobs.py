@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, HTTPException, status
+from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
+from api.deps import (
+    FactoryDep,
+    IdempotencyKeyDep,
+    JobId,
+    PublisherDep,
+    SessionDep,
+    SettingsDep,
+    closes_session,
+)
 from api.errors import not_found
 from api.submission import expansion_errors, resolve_model
 from jobs.batching import ExpansionError, JobCreate, job_params
@@ -21,7 +29,6 @@ from jobs.tables import Job
 from jobs.views import job_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -30,7 +37,7 @@ def create_job(
     factory: FactoryDep,
     publisher: PublisherDep,
     settings: SettingsDep,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> dict[str, Any]:
     """Queue one prompt; returns its id."""
     model = resolve_model(body.model, settings)
@@ -59,14 +66,14 @@ def load_job(session: SessionDep, job_id: str) -> Job:
 
 @router.get("/{job_id}")
 @closes_session
-def get_job(job_id: str, session: SessionDep) -> dict[str, Any]:
+def get_job(job_id: JobId, session: SessionDep) -> dict[str, Any]:
     """A job's status, progress, queue position, error and memory stats."""
     return job_view(session, load_job(session, job_id))
 
 
 @router.get("/{job_id}/image", response_class=FileResponse)
 @closes_session
-def get_job_image(job_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def get_job_image(job_id: JobId, session: SessionDep, settings: SettingsDep) -> FileResponse:
     """The PNG of a succeeded job; its text metadata holds the prompt, seed, size, steps and model."""
     job = load_job(session, job_id)
     if job.status != JobStatus.SUCCEEDED or not job.result_path:
@@ -79,7 +86,7 @@ def get_job_image(job_id: str, session: SessionDep, settings: SettingsDep) -> Fi
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED)
-def retry_job(job_id: str, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
+def retry_job(job_id: JobId, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
     """Queue a fresh copy of a failed or cancelled job, linked to it by `retry_of`."""
     try:
         created, priority = _retry_one(factory, job_id)
@@ -104,7 +111,7 @@ def _retry_one(factory: FactoryDep, job_id: str) -> tuple[list[str], int]:
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, factory: FactoryDep) -> dict[str, Any]:
+def cancel_job(job_id: JobId, factory: FactoryDep) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""
     with factory() as session, session.begin():
         load_job(session, job_id)

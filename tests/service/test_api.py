@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -371,12 +373,52 @@ def test_idempotency_key_returns_the_same_batch(
 
 
 def test_unknown_ids_are_404(api_client: TestClient) -> None:
-    for path in ("/v1/jobs/nope", "/v1/batches/nope", "/v1/jobs/nope/image", "/v1/batches/nope/jobs"):
+    missing = str(uuid.uuid4())
+    for path in (f"/v1/jobs/{missing}", f"/v1/batches/{missing}", f"/v1/jobs/{missing}/image"):
         response = api_client.get(path)
         assert response.status_code == 404, path
-        assert "nope not found" in response.json()["detail"]
-    assert api_client.post("/v1/jobs/nope/cancel").status_code == 404
-    assert api_client.post("/v1/batches/nope/cancel").status_code == 404
+        assert f"{missing} not found" in response.json()["detail"]
+    assert api_client.get(f"/v1/batches/{missing}/jobs").status_code == 404
+    assert api_client.post(f"/v1/jobs/{missing}/cancel").status_code == 404
+    assert api_client.post(f"/v1/batches/{missing}/cancel").status_code == 404
+
+
+def test_ids_that_are_not_uuids_are_422_before_any_query(api_client: TestClient) -> None:
+    """A NUL or any other non-UUID id is refused by the route (it used to reach PostgreSQL: a 500)."""
+    for path in ("/v1/jobs/nope", "/v1/jobs/%00", "/v1/batches/nope/jobs", "/v1/jobs/nope/image"):
+        response = api_client.get(path)
+        assert response.status_code == 422, path
+        assert response.json()["detail"][0]["loc"][0] == "path", path
+    assert api_client.post("/v1/batches/%00/cancel").status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompts": ["a lighthouse\x00 at dusk"]}, "prompt"),
+        ({"prompts": ["fine"], "negative_prompt": "bad\x07bell"}, "negative_prompt"),
+        ({"prompts": ["fine"], "sizes": ["\uff16\uff14x64"]}, "sizes"),
+        ({"prompts": ["fine"], "model": ""}, "model"),
+    ],
+)
+def test_odd_text_is_a_422_and_nothing_is_stored(
+    api_client: TestClient, engine: Engine, publisher: Publisher, body: dict[str, Any], field: str
+) -> None:
+    """Control characters, full-width digits in a size and an empty model name are refused."""
+    response = api_client.post("/v1/batches", json={**SMALL, **body})
+    assert response.status_code == 422, response.text
+    assert field in json.dumps(response.json()["detail"])
+    assert_nothing_stored(engine, publisher)
+
+
+def test_an_empty_idempotency_key_is_no_key(api_client: TestClient, engine: Engine) -> None:
+    """An empty key used to be stored as a key: 201 once, then 500 forever. It now means no key."""
+    body = {"prompts": ["a"], **SMALL}
+    first = api_client.post("/v1/batches", json=body, headers={"Idempotency-Key": ""})
+    second = api_client.post("/v1/batches", json=body, headers={"Idempotency-Key": "  "})
+    assert first.status_code == second.status_code == 201
+    assert first.json()["id"] != second.json()["id"]
+    assert count(engine, Batch) == 2
 
 
 def test_image_of_a_queued_job_is_409(api_client: TestClient) -> None:
