@@ -274,8 +274,8 @@ def main() -> None:
         "",
     ]
     for path in sorted(RESULTS.glob("*.json")):
-        if path.stem.startswith("service-"):
-            continue  # the service section below
+        if path.stem.startswith(("service-", "api-load")):
+            continue  # the service section below; the API load results are in the README
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "rows" not in data:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -181,7 +182,8 @@ def test_retry_of_a_queued_running_or_succeeded_job_is_409(
     for job_id in (queued, running, succeeded):
         response = api_client.post(f"/v1/jobs/{job_id}/retry")
         assert response.status_code == 409, response.text
-    assert api_client.post("/v1/jobs/no-such-job/retry").status_code == 404
+    assert api_client.post(f"/v1/jobs/{uuid.uuid4()}/retry").status_code == 404
+    assert api_client.post("/v1/jobs/no-such-job/retry").status_code == 422  # not a UUID
     assert job_count(factory) == 3
     assert publisher.queue_length() == 3
 
@@ -233,7 +235,8 @@ def test_retry_a_batch_requeues_failed_and_cancelled_jobs(
     second = api_client.post(f"/v1/batches/{batch_id}/retry")
     assert second.json()["retried"] == 0
     assert publisher.queue_length() == 5
-    assert api_client.post("/v1/batches/no-such-batch/retry").status_code == 404
+    assert api_client.post(f"/v1/batches/{uuid.uuid4()}/retry").status_code == 404
+    assert api_client.post("/v1/batches/no-such-batch/retry").status_code == 422  # not a UUID
 
 
 # Pause and resume
