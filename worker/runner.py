@@ -33,7 +33,7 @@ from worker.engine.memory import device_name
 from worker.engine.records import LadderExhausted
 from worker.holder import EngineHolder
 from worker.leases import LeaseKeeper
-from worker.writer import ImageWriter, RenderedImage
+from worker.writer import ImageWriter, RenderedImage, commit_fenced
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,12 @@ class JobRunner:
         claim = with_retries(self._factory, lambda session: self._claim(session, job_id))
         if isinstance(claim, str):
             return claim
-        log.info("claimed job %s (attempt %d)", claim.job_id, claim.attempt)
-        claims = [claim, *self._claim_groupmates(claim)]
+        log.info("claimed job %s (attempt %d)", claim.job_id, claim.attempt)  # before the groupmates' claims
+        groupmates = self._claim_groupmates(claim)
+        for each in groupmates:
+            log.info("claimed job %s (attempt %d)", each.job_id, each.attempt)
+        claims = [claim, *groupmates]
         for each in claims:
-            if each is not claim:
-                log.info("claimed job %s (attempt %d)", each.job_id, each.attempt)
             self.leases.hold(each)
         embeds = self._encode_group(claims) if len(claims) > 1 else {}
         outcomes = [self._render_claimed(each, embeds.get(each.job_id)) for each in claims]
@@ -213,10 +214,7 @@ class JobRunner:
         return write_step
 
     def _store(self, write: Any, claim: Claim, **values: Any) -> str | None:
-        stored = with_retries(
-            self._factory, lambda s: write(s, job_id=claim.job_id, lease_token=claim.lease_token, **values)
-        )
-        return None if stored else "lease lost"
+        return None if commit_fenced(self._factory, write, claim, **values) else "lease lost"
 
 
 class QueuedSizes:

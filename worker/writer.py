@@ -107,19 +107,22 @@ class ImageWriter:
         try:
             save_png_atomically(rendered.image, path, png_metadata(claim.job_id, claim.params))
         except OSError as error:  # a full disk or a vanished folder fails this job, not the worker
-            self._commit(fail_job, claim, error=f"could not write the image: {error}", stats=None)
+            commit_fenced(
+                self._factory, fail_job, claim, error=f"could not write the image: {error}", stats=None
+            )
             return "failed"
         columns = {**rendered.columns, "save_s": time.perf_counter() - started}
-        stored = self._commit(finish_job, claim, result_path=str(path), stats=columns)
+        stored = commit_fenced(self._factory, finish_job, claim, result_path=str(path), stats=columns)
         if not stored:
             path.unlink(missing_ok=True)  # our lease was taken back: this attempt's image is nobody's
             return "lease lost"
         return "succeeded"
 
-    def _commit(self, write: Any, claim: Claim, **values: Any) -> bool:
-        return bool(
-            with_retries(
-                self._factory,
-                lambda s: write(s, job_id=claim.job_id, lease_token=claim.lease_token, **values),
-            )
+
+def commit_fenced(factory: sessionmaker[Session], write: Any, claim: Claim, **values: Any) -> bool:
+    """Run a lease-fenced lifecycle write (finish, fail, cancel) with retries; False if the lease was lost."""
+    return bool(
+        with_retries(
+            factory, lambda s: write(s, job_id=claim.job_id, lease_token=claim.lease_token, **values)
         )
+    )
