@@ -9,13 +9,19 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
+from api.auth import KeyRing, is_loopback
+from api.limits import BodyLimit, RateLimiter, StateChangeGuard
+from api.metrics import release_process_metrics
+from api.observability import add_observability
 from api.overload import add_load_shedding
 from api.routes import batches, jobs, system
 from jobs.db import make_engine, make_session_factory
 from jobs.queue import Publisher
 from jobs.reconcile import reconcile_once
 from jobs.settings import Settings, get_settings
+from jobs.webhooks import start_webhook_loop
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +39,60 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        refuse_open_address_without_keys(app.state.key_ring, settings)
+        _read_keys_early(app.state.key_ring)
         stop = threading.Event()
         if reconcile:
             threading.Thread(target=_reconcile_loop, args=(app, settings, stop), daemon=True).start()
+            start_webhook_loop(app.state.session_factory, settings=settings, stop=stop)
         yield
         stop.set()
+        await app.state.rate_limiter.close()
         engine.dispose()
+        release_process_metrics()
 
     app = FastAPI(title="nightrender", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.session_factory = make_session_factory(engine)
     app.state.publisher = Publisher(settings)
+    app.state.key_ring = KeyRing(app.state.session_factory, settings.api_key_cache_s)
+    app.state.rate_limiter = RateLimiter(settings.resolved_redis_url(), settings.api_rate_limit_per_min)
     for module in (jobs, batches, system):
         app.include_router(module.router)
+    add_client_limits(app, settings)
     add_load_shedding(app, settings.api_max_inflight)
+    add_observability(app, settings, engine)  # last added = outermost: every request is seen
     return app
+
+
+def add_client_limits(app: FastAPI, settings: Settings) -> None:
+    """Body sizes counted while reading, and only JSON or multipart state changes from no foreign page."""
+
+    def limit_for(path: str) -> int:
+        return settings.api_max_upload_bytes if path == "/v1/batches" else settings.api_max_body_bytes
+
+    app.add_middleware(StateChangeGuard, allowed_origins=settings.allowed_origin_set())
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+
+
+def _read_keys_early(ring: KeyRing) -> None:
+    # So the first burst of requests does not wait on the read; a database that is down is fine here.
+    try:
+        ring.refresh()
+    except SQLAlchemyError:
+        log.warning("could not read API keys at start-up; requests will try again")
+
+
+def refuse_open_address_without_keys(ring: KeyRing, settings: Settings) -> None:
+    """Without a key, anyone who can reach a public address could use the queue: refuse to start."""
+    if is_loopback(settings.api_host):
+        return
+    ring.refresh()
+    if not ring.any():
+        raise RuntimeError(
+            f"API_HOST={settings.api_host} is not a loopback address and no API keys exist: "
+            "create one first with `nightrender keys add NAME`, or listen on 127.0.0.1"
+        )
 
 
 def _reconcile_loop(app: FastAPI, settings: Settings, stop: threading.Event) -> None:

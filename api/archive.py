@@ -1,46 +1,125 @@
-"""A batch's zip: every image that exists plus a manifest of every job."""
+"""A batch's zip, streamed while it is built: every image that exists, then a manifest of every job.
+
+The standard library's `zipfile` writes to a stream it cannot seek (sizes and CRCs go in a data
+descriptor after each entry, ZIP64 where needed), so no temporary file and no extra dependency: the
+one thing `zipstream-ng` adds, a Content-Length known up front, needs the manifest's size before the
+first byte. Jobs are read in keyset pages (stats joined), each page in its own short session, so a
+slow download never holds a database connection.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
-from jobs.tables import Batch, Job
+from jobs.tables import Job
 from jobs.views import job_view, not_superseded
 
+PAGE_JOBS = 200
+COPY_BYTES = 64 * 1024
+# Bytes gathered before a chunk is handed to the server: small PNGs go out several to a chunk.
+CHUNK_BYTES = 64 * 1024
 
-def build_archive(session: Session, batch: Batch, outputs_dir: Path) -> Path:
-    """Write the zip to a temporary file (PNGs are stored, not recompressed) and return its path."""
-    jobs = session.scalars(
-        select(Job)
-        .where(Job.batch_id == batch.id, not_superseded())
-        .order_by(Job.batch_index)
-        .options(selectinload(Job.stats))
-    ).all()
-    descriptor, name = tempfile.mkstemp(prefix="nightrender-", suffix=".zip")
-    os.close(descriptor)
-    manifest = []
-    with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_STORED) as archive:
-        for job in jobs:
-            entry = job_view(session, job)
-            entry["file"] = _add_image(archive, job, outputs_dir)
+
+class _Sink:
+    """The write-only file `zipfile` writes into; the generator takes what it holds between writes."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes, /) -> int:
+        """Keep a copy of the bytes (zipfile may reuse its buffer)."""
+        self._parts.append(bytes(data))
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to flush: the bytes leave through `take`."""
+
+    def close(self) -> None:
+        """Nothing to close: the response owns the stream."""
+
+    def take(self) -> bytes:
+        """Everything written since the last take."""
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self.size = 0
+        return data
+
+
+def stream_archive(
+    factory: sessionmaker[Session], batch_id: str, outputs_dir: Path, *, page_size: int = PAGE_JOBS
+) -> Iterator[bytes]:
+    """The zip's bytes in chunks: PNGs stored as they are, manifest.json last."""
+    sink = _Sink()
+    manifest: list[dict[str, Any]] = []
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
+        for entry, image, name in _archived_jobs(factory, batch_id, outputs_dir, page_size):
+            entry["file"] = name if image and _store(archive, image, name) else None
             manifest.append(entry)
-        archive.writestr("manifest.json", json.dumps({"batch_id": batch.id, "jobs": manifest}, indent=2))
-    return Path(name)
+            if sink.size >= CHUNK_BYTES:
+                yield sink.take()
+        archive.writestr("manifest.json", json.dumps({"batch_id": batch_id, "jobs": manifest}, indent=2))
+    yield sink.take()  # the manifest and the central directory, written on close
 
 
-def _add_image(archive: zipfile.ZipFile, job: Job, outputs_dir: Path) -> str | None:
+def _archived_jobs(
+    factory: sessionmaker[Session], batch_id: str, outputs_dir: Path, page_size: int
+) -> Iterator[tuple[dict[str, Any], Path | None, str]]:
+    """Each job's manifest entry, its image file and the image's name in the zip, page by page."""
+    after = -1
+    while True:
+        with factory() as session:
+            jobs = session.scalars(_page_query(batch_id, after, page_size)).all()
+            entries = [(job_view(session, job), job) for job in jobs]
+        for entry, job in entries:
+            yield entry, _image_path(job, outputs_dir), f"{job.batch_index:05d}-{job.id}.png"
+        if len(jobs) < page_size:
+            return
+        after = jobs[-1].batch_index
+
+
+def _page_query(batch_id: str, after: int, page_size: int) -> Any:
+    """The batch's jobs after `after` in submission order, their stats joined (no query per job)."""
+    return (
+        select(Job)
+        .outerjoin(Job.stats)
+        .options(contains_eager(Job.stats))
+        .where(Job.batch_id == batch_id, Job.batch_index > after, not_superseded())
+        .order_by(Job.batch_index)
+        .limit(page_size)
+    )
+
+
+def _image_path(job: Job, outputs_dir: Path) -> Path | None:
+    """The job's PNG if the worker wrote it under the outputs folder and it is still there."""
     if not job.result_path:
         return None
     path = Path(job.result_path).resolve()
-    if not path.is_relative_to(outputs_dir) or not path.is_file():
-        return None
-    name = f"{job.batch_index:05d}-{job.id}.png"
-    archive.write(path, arcname=name)
-    return name
+    return path if path.is_relative_to(outputs_dir) and path.is_file() else None
+
+
+def _store(archive: zipfile.ZipFile, image: Path, name: str) -> bool:
+    """Copy the PNG into the zip uncompressed; False if it vanished before it could be opened."""
+    try:
+        source = image.open("rb")
+    except OSError:
+        return False
+    with source:
+        written = os.fstat(source.fileno())
+        info = zipfile.ZipInfo(name, date_time=time.localtime(written.st_mtime)[:6])
+        info.file_size = written.st_size  # tells zipfile up front whether the entry needs ZIP64
+        info.compress_type = zipfile.ZIP_STORED
+        with archive.open(info, "w") as target:
+            while block := source.read(COPY_BYTES):
+                target.write(block)
+    return True

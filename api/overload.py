@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 RETRY_AFTER_S = 1
 # Health checks are never shed: an operator must see a busy API as alive.
-UNSHED_PATHS = frozenset({"/healthz"})
+UNSHED_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
 
 
 def busy(reason: str) -> JSONResponse:

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from jobs.settings import Settings
+
 
 class ApiError(RuntimeError):
     """The API refused a request; the message carries its reason."""
@@ -17,8 +19,14 @@ class ApiError(RuntimeError):
 class Client:
     """Wraps the endpoints the CLI needs."""
 
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(self, base_url: str, timeout: float = 60.0, api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Client:
+        """A client of the configured API, sending API_KEY when one is set."""
+        return cls(settings.resolved_api_url(), api_key=settings.api_key)
 
     def healthy(self) -> bool:
         """Whether the API answers /healthz with 200."""
@@ -43,8 +51,8 @@ class Client:
         return _json(self.http.get(f"/v1/batches/{batch_id}"))
 
     def post(self, path: str) -> dict[str, Any]:
-        """POST an action with no body (cancel, retry, pause, resume)."""
-        return _json(self.http.post(path))
+        """POST an action (cancel, retry, pause, resume); an empty JSON body, as the API requires."""
+        return _json(self.http.post(path, json={}))
 
     def stats(self) -> dict[str, Any]:
         """The memory-by-resolution table."""

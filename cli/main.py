@@ -12,12 +12,14 @@ import typer
 from rich.console import Console
 
 from cli.client import ApiError, Client
+from cli.keys import keys_app
 from cli.render_views import WorkerGone, follow_batch, memory_table
 from jobs.settings import Settings, get_settings
 
 app = typer.Typer(
     help="A render queue for text-to-image models that works within a VRAM budget.", no_args_is_help=True
 )
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 Model = Annotated[str | None, typer.Option(help="Model to render with (default: the worker's)")]
@@ -122,7 +124,7 @@ def submit(
     seeds: Annotated[str | None, typer.Option(help="e.g. 1,2,3 (a matrix with the prompts)")] = None,
 ) -> None:
     """Submit a .txt, .csv or .jsonl prompt file as a batch; prints the batch id."""
-    client = Client(_settings().resolved_api_url())
+    client = Client.for_settings(_settings())
     try:
         created = client.submit_file(
             prompts_file, _batch_fields(model, width, height, steps, seed, sizes, seeds)
@@ -135,7 +137,7 @@ def submit(
 @app.command()
 def status(batch_id: str, watch: bool = False) -> None:
     """Show a batch's progress (live with --watch)."""
-    client = Client(_settings().resolved_api_url())
+    client = Client.for_settings(_settings())
     try:
         summary = follow_batch(client, batch_id, console) if watch else client.batch(batch_id)
     except ApiError as error:
@@ -145,7 +147,7 @@ def status(batch_id: str, watch: bool = False) -> None:
 
 def _action(path: str) -> None:
     try:
-        console.print_json(json.dumps(Client(_settings().resolved_api_url()).post(path)))
+        console.print_json(json.dumps(Client.for_settings(_settings()).post(path)))
     except ApiError as error:
         _fail(str(error))
 
@@ -183,7 +185,7 @@ def _required(batch_id: str | None) -> str:
 @app.command()
 def download(batch_id: str, out: Path = Path("renders")) -> None:
     """Download a batch's images and manifest into OUT/BATCH_ID and print the memory table."""
-    _download(Client(_settings().resolved_api_url()), batch_id, out)
+    _download(Client.for_settings(_settings()), batch_id, out)
 
 
 def _download(client: Client, batch_id: str, out: Path) -> Path:
@@ -223,7 +225,7 @@ def run(
     if not prompts_file.is_file():
         _fail(f"no prompts file at {prompts_file}")
     settings = _settings()
-    client = Client(settings.resolved_api_url())
+    client = Client.for_settings(settings)
     stack = None
     if not client.healthy():
         console.print("starting the embedded stack (SQLite + embedded Redis + API + worker)...")

@@ -198,7 +198,7 @@ def retry_jobs(session: Session, *, job_ids: list[str]) -> list[str]:
         copy = Job(
             **{
                 name: getattr(original, name)
-                for name in (*PARAM_FIELDS, "batch_id", "batch_index", "priority")
+                for name in (*PARAM_FIELDS, "batch_id", "batch_index", "priority", "owner")
             },
             id=str(uuid.uuid4()),
             max_attempts=original.max_attempts,

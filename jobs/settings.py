@@ -76,8 +76,37 @@ class Settings(BaseSettings):
     db_pool_timeout_s: float = Field(
         5.0, gt=0, description="seconds a request waits for a database connection before a 503"
     )
+    metrics_enabled: bool = Field(True, description="serve GET /metrics in the Prometheus text format")
+    metrics_recent_jobs: int = Field(
+        1000, ge=1, le=100_000, description="recorded jobs that /metrics' phase, VRAM and OOM figures cover"
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        None, description="an empty folder where API worker processes share metrics (process environment)"
+    )
+    log_format: Literal["json", "text"] = Field("json", description="the API's log lines: JSON or text")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="the API's log level")
     api_url: str | None = Field(
         None, description="Where the CLI finds the API; unset = http://API_HOST:API_PORT"
+    )
+    api_key: str | None = Field(None, description="the key the CLI sends (Authorization: Bearer)")
+    api_workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes serving the API")
+    api_key_cache_s: float = Field(
+        5.0, gt=0, description="seconds the API keeps its list of keys; a revoked key works at most this long"
+    )
+    api_allowed_origins: str = Field(
+        "", description="comma-separated web origins, besides the API's own, that may change state"
+    )
+    api_max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest request body, except batch submissions"
+    )
+    api_max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="largest batch submission body (JSON or an uploaded file)"
+    )
+    api_rate_limit_per_min: int = Field(
+        6000, ge=0, description="requests a minute per API key (0 = no limit; keyless loopback use has none)"
+    )
+    api_max_queued_per_key: int = Field(
+        100_000, ge=1, description="queued and running jobs one key may have; past it submissions get 429"
     )
     embedded_redis_port: int = 6390
     reconcile_interval_s: float = Field(30.0, gt=0)
@@ -86,6 +115,23 @@ class Settings(BaseSettings):
     republish_after_s: float = Field(
         120.0, ge=0, description="queued with no live message this long: republish"
     )
+    # Batch webhooks (jobs/webhooks.py). Empty or unset secret = webhooks off: a webhook_url is a 422.
+    webhook_secret: str | None = Field(
+        None, description="HMAC-SHA256 key that signs webhooks, e.g. `openssl rand -hex 32`"
+    )
+    webhook_allow_private: bool = Field(
+        False, description="let webhook_url resolve to loopback, private, link-local or other non-public IPs"
+    )
+    webhook_interval_s: float = Field(2.0, gt=0, description="how often the API looks for webhooks to send")
+    webhook_per_pass: int = Field(
+        20, ge=1, description="finished batches recorded and delivery attempts made per pass, per API process"
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="connect, write and read timeout of one attempt")
+    webhook_max_attempts: int = Field(10, ge=1, le=50, description="attempts before a delivery is 'failed'")
+    webhook_backoff_s: float = Field(
+        5.0, ge=0, description="wait after the first failed attempt; doubles each time, with jitter"
+    )
+    webhook_backoff_max_s: float = Field(3600.0, ge=0, description="longest wait between two attempts")
     visibility_timeout_s: int = Field(
         6 * 3600, gt=0, description="Redis redelivers unacked messages after this"
     )
@@ -113,6 +159,10 @@ class Settings(BaseSettings):
     def resolved_api_url(self) -> str:
         """The base URL clients use for the API."""
         return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    def allowed_origin_set(self) -> frozenset[str]:
+        """The web origins, besides the API's own, allowed to send state-changing requests."""
+        return frozenset(o.strip().rstrip("/") for o in self.api_allowed_origins.split(",") if o.strip())
 
     def allowed_model_names(self) -> list[str]:
         """The models a job may name."""

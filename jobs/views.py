@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, true
+from sqlalchemy import case, exists, func, select, true
 from sqlalchemy.orm import Session, aliased
 
+from jobs.positions import snapshot_for
 from jobs.states import TERMINAL, JobStatus, batch_status
 from jobs.tables import Batch, Job, JobStats
 
@@ -20,20 +21,15 @@ def not_superseded() -> Any:
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """How many queued jobs run before this one (0 = next); None once it has left the queue."""
+    """How many queued jobs run before this one (0 = next); None once it has left the queue.
+
+    The position is in FIFO order (`jobs.ordering.FIFO`) and at most ~1 s old: it is read from a
+    per-process snapshot of the queued jobs' keys (`jobs.positions`), not counted per request. The worker
+    may still run a job of the size it has loaded just ahead of the head (see `jobs.ordering`).
+    """
     if job.status != JobStatus.QUEUED:
         return None
-    ahead = or_(
-        Job.priority > job.priority,
-        and_(Job.priority == job.priority, Job.created_at < job.created_at),
-        and_(
-            Job.priority == job.priority,
-            Job.created_at == job.created_at,
-            Job.batch_index < job.batch_index,
-        ),
-    )
-    count = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, ahead))
-    return int(count or 0)
+    return snapshot_for(session).position(session, job)
 
 
 def memory_view(stats: JobStats | None) -> dict[str, Any] | None:

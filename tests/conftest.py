@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,5 +124,12 @@ def api_client(settings: Settings) -> Iterator[object]:
 
     from api.app import create_app
 
-    with TestClient(create_app(settings, reconcile=False)) as client:
+    with local_client(create_app(settings, reconcile=False)) as client:
         yield client
+
+
+def local_client(app: object) -> Any:
+    """A TestClient that calls from and to 127.0.0.1, as the keyless local user does."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))  # type: ignore[arg-type]

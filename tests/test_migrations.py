@@ -9,7 +9,7 @@ from jobs import migrate
 from jobs.tables import Base
 from tests.conftest import BACKENDS
 
-TABLES = {"batches", "jobs", "job_stats", "queue_controls"}
+TABLES = {"batches", "jobs", "job_stats", "queue_controls", "api_keys", "webhook_deliveries"}
 
 
 def table_names(url: str) -> set[str]:

@@ -1,17 +1,20 @@
-"""Batches: submit (JSON or an uploaded prompt file), summary, archive, cancel."""
+"""Batches: submit (JSON or an uploaded prompt file), list, summary, jobs, archive, cancel."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, status
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.archive import build_archive
+from api.archive import stream_archive
+from api.auth import Caller, CallerDep
 from api.deps import (
     BatchId,
     FactoryDep,
@@ -22,14 +25,19 @@ from api.deps import (
     closes_session,
 )
 from api.errors import invalid, not_found
-from api.submission import expansion_errors, parse_body, resolve_model
+from api.paging import DEFAULT_PAGE, PageCursor, PageLimit, page_or_422
+from api.submission import check_quota, expansion_errors, idempotency_for, parse_body, resolve_model
 from api.uploads import parse_prompt_file
 from jobs.batching import BatchCreate, ExpansionError, expand_batch
 from jobs.lifecycle import request_cancel, retry_jobs
-from jobs.queue import Publication
-from jobs.submit import publish_jobs, submit_batch
+from jobs.pages import batch_jobs_page, batches_page
+from jobs.params import GenerationParams
+from jobs.queue import Publication, Publisher
+from jobs.settings import Settings
+from jobs.submit import IdempotencyConflict, Submission, publish_jobs, submit_batch
 from jobs.tables import Batch, Job
-from jobs.views import batch_view, not_superseded
+from jobs.views import batch_view
+from jobs.webhooks import webhook_refusal_off_loop, webhook_status
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -64,31 +72,72 @@ BATCH_BODY_DOC: dict[str, Any] = {
 @router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=BATCH_BODY_DOC)
 async def create_batch(
     request: Request,
+    caller: CallerDep,
     factory: FactoryDep,
     publisher: PublisherDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyDep,
 ) -> dict[str, Any]:
-    """Queue prompts x seeds x sizes in one transaction; returns the batch id and every job id."""
-    body = parse_body(BatchCreate, await _batch_payload(request))
+    """Queue prompts x seeds x sizes in one transaction; returns the batch id and every job id.
+
+    The work runs in worker threads: validating, inserting and publishing 10,000 jobs takes most of
+    a second, and on the event loop it stalled every other request (even /healthz) that long.
+    """
+    body, params = await run_in_threadpool(_expanded_batch, await _batch_payload(request), settings)
+    if refusal := await webhook_refusal_off_loop(body.webhook_url, settings=settings):
+        raise invalid(["body", "webhook_url"], refusal)
+    submission = await run_in_threadpool(
+        _queue_batch,
+        body,
+        params,
+        caller=caller,
+        factory=factory,
+        publisher=publisher,
+        settings=settings,
+        idempotency_key=idempotency_key,
+    )
+    return {"id": submission.batch_id, "job_ids": submission.job_ids}
+
+
+def _expanded_batch(payload: Any, settings: Settings) -> tuple[BatchCreate, list[GenerationParams]]:
+    """The validated request and every job's parameters, or a 422."""
+    body = parse_body(BatchCreate, payload)
     model = resolve_model(body.model, settings)
     if body.job_count() > settings.max_batch_jobs:
         limit = settings.max_batch_jobs
         message = f"this batch expands to {body.job_count()} jobs; the limit is {limit} per request"
         raise invalid(["body", "prompts"], message)
     try:
-        params = expand_batch(body, model)
+        return body, expand_batch(body, model)
     except ExpansionError as error:
         raise expansion_errors(error) from None
-    submission = submit_batch(
-        factory,
-        publisher,
-        params=params,
-        priority=body.priority,
-        max_attempts=settings.max_attempts,
-        idempotency_key=idempotency_key,
-    )
-    return {"id": submission.batch_id, "job_ids": submission.job_ids}
+
+
+def _queue_batch(
+    body: BatchCreate,
+    params: list[GenerationParams],
+    *,
+    caller: Caller,
+    factory: sessionmaker[Session],
+    publisher: Publisher,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> Submission:
+    """Check the caller's quota, then commit and publish the batch (409 for a key reused otherwise)."""
+    check_quota(factory, caller, settings, adding=len(params))
+    try:
+        return submit_batch(
+            factory,
+            publisher,
+            params=params,
+            priority=body.priority,
+            max_attempts=settings.max_attempts,
+            owner=caller.owner,
+            idempotency=idempotency_for(idempotency_key, body),
+            webhook_url=body.webhook_url,
+        )
+    except IdempotencyConflict as error:
+        raise HTTPException(status_code=409, detail=str(error)) from None
 
 
 async def _batch_payload(request: Request) -> Any:
@@ -100,7 +149,7 @@ async def _batch_payload(request: Request) -> Any:
     if content_type.startswith("multipart/form-data"):
         return await _form_payload(request)
     try:
-        return json.loads(await request.body())
+        return await run_in_threadpool(json.loads, await request.body())  # 20 MB take a while
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise invalid(["body"], f"body is not valid JSON: {error}") from None
 
@@ -110,7 +159,8 @@ async def _form_payload(request: Request) -> dict[str, Any]:
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise invalid(["body", "file"], "a multipart batch needs a 'file' field with the prompts")
-    payload: dict[str, Any] = {"prompts": parse_prompt_file(upload.filename or "", await upload.read())}
+    prompts = await run_in_threadpool(parse_prompt_file, upload.filename or "", await upload.read())
+    payload: dict[str, Any] = {"prompts": prompts}
     for name, value in form.multi_items():
         if name in ("file", "prompts") or not isinstance(value, str) or value == "":
             continue
@@ -118,52 +168,74 @@ async def _form_payload(request: Request) -> dict[str, Any]:
     return payload
 
 
-def load_batch(session: SessionDep, batch_id: str) -> Batch:
-    """The batch with this id, or a 404."""
+def load_batch(session: SessionDep, batch_id: str, caller: Caller) -> Batch:
+    """The caller's batch with this id, or a 404 (another key's batch is not found either)."""
     batch = session.get(Batch, batch_id)
-    if batch is None:
+    if batch is None or batch.owner != caller.owner:
         raise not_found("batch", batch_id)
     return batch
 
 
+@router.get("")
+@closes_session
+def list_batches(
+    caller: CallerDep, session: SessionDep, limit: PageLimit = DEFAULT_PAGE, cursor: PageCursor = None
+) -> dict[str, Any]:
+    """Batches newest first, a page at a time, each with its status and counts per state."""
+    # OWNER FILTER: only the caller's batches; every narrowing of the list goes in `scope`.
+    scope = [Batch.owner == caller.owner]
+    page = page_or_422(lambda: batches_page(session, limit=limit, cursor=cursor, scope=scope))
+    return {"batches": page.items, "next_cursor": page.next_cursor}
+
+
 @router.get("/{batch_id}")
 @closes_session
-def get_batch(batch_id: BatchId, session: SessionDep) -> dict[str, Any]:
-    """Status, counts per state, progress in [0, 1] and an ETA from measured times."""
-    return batch_view(session, load_batch(session, batch_id))
+def get_batch(batch_id: BatchId, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+    """Status, counts per state, progress in [0, 1], an ETA from measured times, and the webhook's state."""
+    batch = load_batch(session, batch_id, caller)
+    return {**batch_view(session, batch), "webhook": webhook_status(session, batch=batch)}
 
 
 @router.get("/{batch_id}/jobs")
 @closes_session
-def list_batch_jobs(batch_id: BatchId, session: SessionDep) -> dict[str, Any]:
-    """Every job of the batch with its status, in submission order."""
-    load_batch(session, batch_id)
-    rows = session.execute(
-        select(Job.id, Job.status, Job.prompt, Job.seed, Job.width, Job.height)
-        .where(Job.batch_id == batch_id, not_superseded())
-        .order_by(Job.batch_index)
-    ).all()
-    return {"id": batch_id, "jobs": [row._asdict() for row in rows]}
+def list_batch_jobs(
+    batch_id: BatchId,
+    caller: CallerDep,
+    session: SessionDep,
+    limit: PageLimit = DEFAULT_PAGE,
+    cursor: PageCursor = None,
+) -> dict[str, Any]:
+    """The batch's jobs in submission order, a page at a time, each with its status and failure reason."""
+    load_batch(session, batch_id, caller)
+    page = page_or_422(lambda: batch_jobs_page(session, batch_id=batch_id, limit=limit, cursor=cursor))
+    return {"id": batch_id, "jobs": page.items, "next_cursor": page.next_cursor}
 
 
-@router.get("/{batch_id}/archive", response_class=FileResponse)
+ARCHIVE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/zip": {}}, "description": "the zip, streamed"}
+}
+
+
+@router.get("/{batch_id}/archive", response_class=StreamingResponse, responses=ARCHIVE_DOC)
 @closes_session
 def get_batch_archive(
-    batch_id: BatchId, session: SessionDep, settings: SettingsDep, cleanup: BackgroundTasks
-) -> FileResponse:
-    """A zip of the batch's images plus manifest.json (every job, its parameters and memory stats)."""
-    batch = load_batch(session, batch_id)
-    path = build_archive(session, batch, settings.resolved_outputs_dir())
-    cleanup.add_task(path.unlink, missing_ok=True)
-    return FileResponse(path, media_type="application/zip", filename=f"batch-{batch_id}.zip")
+    batch_id: BatchId, caller: CallerDep, session: SessionDep, factory: FactoryDep, settings: SettingsDep
+) -> StreamingResponse:
+    """A zip streamed as it is built: the images, then manifest.json (every job, its params and stats)."""
+    load_batch(session, batch_id, caller)
+    chunks = stream_archive(factory, batch_id, settings.resolved_outputs_dir())
+    disposition = {"Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"'}
+    return StreamingResponse(chunks, media_type="application/zip", headers=disposition)
 
 
 @router.post("/{batch_id}/retry", status_code=status.HTTP_201_CREATED)
-def retry_batch(batch_id: BatchId, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
+def retry_batch(
+    batch_id: BatchId, caller: CallerDep, factory: FactoryDep, publisher: PublisherDep
+) -> dict[str, Any]:
     """Queue a fresh copy of every failed or cancelled job of the batch (each linked to its original)."""
     try:
         with factory() as session, session.begin():
-            batch = load_batch(session, batch_id)
+            batch = load_batch(session, batch_id, caller)
             ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
             created = retry_jobs(session, job_ids=ids)
             priority = batch.priority
@@ -174,11 +246,11 @@ def retry_batch(batch_id: BatchId, factory: FactoryDep, publisher: PublisherDep)
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: BatchId, factory: FactoryDep) -> dict[str, Any]:
+def cancel_batch(batch_id: BatchId, caller: CallerDep, factory: FactoryDep) -> dict[str, Any]:
     """Cancel the batch's queued jobs at once and stop its running job at the next step."""
     with factory() as session, session.begin():
-        load_batch(session, batch_id)
+        load_batch(session, batch_id, caller)
         ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
         request_cancel(session, job_ids=ids)
     with factory() as session:
-        return batch_view(session, load_batch(session, batch_id))
+        return batch_view(session, load_batch(session, batch_id, caller))

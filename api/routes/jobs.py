@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 
+from api.auth import Caller, CallerDep
 from api.deps import (
     FactoryDep,
     IdempotencyKeyDep,
@@ -19,12 +20,12 @@ from api.deps import (
     closes_session,
 )
 from api.errors import not_found
-from api.submission import expansion_errors, resolve_model
+from api.submission import check_quota, expansion_errors, idempotency_for, resolve_model
 from jobs.batching import ExpansionError, JobCreate, job_params
 from jobs.lifecycle import RETRYABLE, request_cancel, retry_jobs
 from jobs.queue import Publication
 from jobs.states import JobStatus
-from jobs.submit import publish_jobs, submit_job
+from jobs.submit import IdempotencyConflict, publish_jobs, submit_job
 from jobs.tables import Job
 from jobs.views import job_view
 
@@ -34,6 +35,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_job(
     body: JobCreate,
+    caller: CallerDep,
     factory: FactoryDep,
     publisher: PublisherDep,
     settings: SettingsDep,
@@ -45,37 +47,44 @@ def create_job(
         params = job_params(body, model)
     except ExpansionError as error:
         raise expansion_errors(error) from None
-    submission = submit_job(
-        factory,
-        publisher,
-        params=params,
-        priority=body.priority,
-        max_attempts=settings.max_attempts,
-        idempotency_key=idempotency_key,
-    )
-    return {"id": submission.job_ids[0], "status": JobStatus.QUEUED.value, "seed": params.seed}
+    check_quota(factory, caller, settings, adding=1)
+    try:
+        submission = submit_job(
+            factory,
+            publisher,
+            params=params,
+            priority=body.priority,
+            max_attempts=settings.max_attempts,
+            owner=caller.owner,
+            idempotency=idempotency_for(idempotency_key, body),
+        )
+    except IdempotencyConflict as error:
+        raise HTTPException(status_code=409, detail=str(error)) from None
+    return {"id": submission.job_ids[0], "status": JobStatus.QUEUED.value, "seed": submission.seed}
 
 
-def load_job(session: SessionDep, job_id: str) -> Job:
-    """The job with this id, or a 404."""
+def load_job(session: SessionDep, job_id: str, caller: Caller) -> Job:
+    """The caller's job with this id, or a 404 (another key's job is not found either)."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.owner != caller.owner:
         raise not_found("job", job_id)
     return job
 
 
 @router.get("/{job_id}")
 @closes_session
-def get_job(job_id: JobId, session: SessionDep) -> dict[str, Any]:
+def get_job(job_id: JobId, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """A job's status, progress, queue position, error and memory stats."""
-    return job_view(session, load_job(session, job_id))
+    return job_view(session, load_job(session, job_id, caller))
 
 
 @router.get("/{job_id}/image", response_class=FileResponse)
 @closes_session
-def get_job_image(job_id: JobId, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def get_job_image(
+    job_id: JobId, caller: CallerDep, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
     """The PNG of a succeeded job; its text metadata holds the prompt, seed, size, steps and model."""
-    job = load_job(session, job_id)
+    job = load_job(session, job_id, caller)
     if job.status != JobStatus.SUCCEEDED or not job.result_path:
         raise HTTPException(status_code=409, detail=f"job {job_id} has no image: it is {job.status}")
     path = Path(job.result_path).resolve()
@@ -86,10 +95,12 @@ def get_job_image(job_id: JobId, session: SessionDep, settings: SettingsDep) -> 
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED)
-def retry_job(job_id: JobId, factory: FactoryDep, publisher: PublisherDep) -> dict[str, Any]:
+def retry_job(
+    job_id: JobId, caller: CallerDep, factory: FactoryDep, publisher: PublisherDep
+) -> dict[str, Any]:
     """Queue a fresh copy of a failed or cancelled job, linked to it by `retry_of`."""
     try:
-        created, priority = _retry_one(factory, job_id)
+        created, priority = _retry_one(factory, job_id, caller)
     except IntegrityError:
         created = []
     if not created:
@@ -98,10 +109,10 @@ def retry_job(job_id: JobId, factory: FactoryDep, publisher: PublisherDep) -> di
     return {"id": created[0], "retry_of": job_id, "status": JobStatus.QUEUED.value}
 
 
-def _retry_one(factory: FactoryDep, job_id: str) -> tuple[list[str], int]:
+def _retry_one(factory: FactoryDep, job_id: str, caller: Caller) -> tuple[list[str], int]:
     """The new job's id (none if it was retried already) and the priority to publish it at."""
     with factory() as session, session.begin():
-        job = load_job(session, job_id)
+        job = load_job(session, job_id, caller)
         if job.status not in RETRYABLE:
             raise HTTPException(
                 status_code=409,
@@ -111,10 +122,10 @@ def _retry_one(factory: FactoryDep, job_id: str) -> tuple[list[str], int]:
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: JobId, factory: FactoryDep) -> dict[str, Any]:
+def cancel_job(job_id: JobId, caller: CallerDep, factory: FactoryDep) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""
     with factory() as session, session.begin():
-        load_job(session, job_id)
+        load_job(session, job_id, caller)
         request_cancel(session, job_ids=[job_id])
     with factory() as session:
-        return job_view(session, load_job(session, job_id))
+        return job_view(session, load_job(session, job_id, caller))

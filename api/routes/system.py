@@ -1,15 +1,21 @@
-"""Health and the measured memory-by-resolution table."""
+"""Health (liveness, readiness), queue controls and the measured memory-by-resolution table."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Literal
 
+from alembic.script import ScriptDirectory
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select, text
+from pydantic import BaseModel, Field
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.orm import Session
 
+from api.auth import AdminDep, CallerDep
 from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
 from jobs.controls import is_paused, set_paused
+from jobs.migrate import alembic_config
 from jobs.reconcile import reconcile_once
 from jobs.tables import Job
 from jobs.views import stats_by_resolution
@@ -19,14 +25,14 @@ router = APIRouter(tags=["system"])
 
 @router.get("/v1/stats")
 @closes_session
-def get_stats(session: SessionDep) -> dict[str, Any]:
+def get_stats(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """Peak memory and seconds per image by resolution and offload mode, from recorded jobs."""
     return {"rows": stats_by_resolution(session)}
 
 
 @router.get("/v1/queue")
 @closes_session
-def get_queue(session: SessionDep) -> dict[str, Any]:
+def get_queue(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """Whether the queue is paused, and how many jobs are queued and running."""
     counts = dict(
         session.execute(
@@ -41,7 +47,7 @@ def get_queue(session: SessionDep) -> dict[str, Any]:
 
 
 @router.post("/v1/queue/pause")
-def pause_queue(factory: FactoryDep) -> dict[str, Any]:
+def pause_queue(_admin: AdminDep, factory: FactoryDep) -> dict[str, Any]:
     """Workers finish their current job and take no more until resumed."""
     with factory() as session, session.begin():
         set_paused(session, True)
@@ -49,7 +55,9 @@ def pause_queue(factory: FactoryDep) -> dict[str, Any]:
 
 
 @router.post("/v1/queue/resume")
-def resume_queue(factory: FactoryDep, publisher: PublisherDep, settings: SettingsDep) -> dict[str, Any]:
+def resume_queue(
+    _admin: AdminDep, factory: FactoryDep, publisher: PublisherDep, settings: SettingsDep
+) -> dict[str, Any]:
     """Take jobs again; the jobs handed back while paused are published at once."""
     with factory() as session, session.begin():
         set_paused(session, False)
@@ -66,9 +74,72 @@ def healthz(session: SessionDep, publisher: PublisherDep) -> JSONResponse:
     return JSONResponse(checks, status_code=200 if healthy else 503)
 
 
+class Liveness(BaseModel):
+    """The process answers."""
+
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    """Each dependency of serving: "ok", or what is wrong with it."""
+
+    database: str
+    broker: str
+    schema_: str = Field(alias="schema", description="ok when the database is at the Alembic head")
+
+
+@router.get("/livez")
+async def livez() -> Liveness:
+    """Always 200 while the process serves: no database or broker call, never shed, no worker thread."""
+    return Liveness()
+
+
+@router.get("/readyz", responses={503: {"model": Readiness, "description": "something is not ready"}})
+@closes_session
+def readyz(session: SessionDep, publisher: PublisherDep) -> JSONResponse:
+    """200 when the database and broker answer and the schema is at the Alembic head, else 503 naming it."""
+    database = _check(lambda: session.execute(text("SELECT 1")))
+    schema = _check(lambda: schema_at_head(session)) if database == "ok" else "not checked: no database"
+    checks = {"database": database, "broker": _check(publisher.ping), "schema": schema}
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse(checks, status_code=200 if ready else 503)
+
+
+class SchemaNotAtHead(RuntimeError):
+    """The database's migrations are behind (or ahead of) this code's."""
+
+
+@functools.cache
+def migration_heads() -> frozenset[str]:
+    """The Alembic head revisions shipped with this code, read once."""
+    return frozenset(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
+
+
+def schema_at_head(session: Session) -> None:
+    """Raise unless the database's Alembic revisions are this code's heads."""
+    current = current_revisions(session)
+    if current != migration_heads():
+        raise SchemaNotAtHead(f"at {_revisions(current)}, code expects {_revisions(migration_heads())}")
+
+
+def current_revisions(session: Session) -> frozenset[str]:
+    """The revisions recorded in the database's alembic_version table (none when never migrated)."""
+    # Read directly: Alembic's MigrationContext logs two INFO lines per call, one probe every few seconds.
+    if not inspect(session.connection()).has_table("alembic_version"):
+        return frozenset()
+    return frozenset(session.scalars(text("SELECT version_num FROM alembic_version")))
+
+
+def _revisions(revisions: frozenset[str]) -> str:
+    return ", ".join(sorted(revisions)) or "no revision (not migrated)"
+
+
+MAX_CHECK_MESSAGE = 300
+
+
 def _check(probe: Any) -> str:
     try:
         probe()
     except Exception as error:  # any failure is the answer to report, not a crash
-        return f"error: {type(error).__name__}: {error}"
+        return f"error: {type(error).__name__}: {error}"[:MAX_CHECK_MESSAGE]
     return "ok"

@@ -121,9 +121,9 @@ def test_redis_restart_mid_batch(make_stack: object, private_redis: PrivateRedis
 def test_the_same_message_twice(make_stack: object) -> None:
     """Every job's message is delivered twice: one claim wins, the other is acknowledged as a skip."""
     stack: FaultStack = make_stack()  # type: ignore[operator]
-    stack.http.post("/v1/queue/pause")
+    stack.http.post("/v1/queue/pause", json={})
     job_ids = stack.submit([f"duplicate {i}" for i in range(10)], **FAST)
-    stack.http.post("/v1/queue/resume")
+    stack.http.post("/v1/queue/resume", json={})
     publisher = Publisher(stack.settings)
     publisher.publish([Publication(job_id=job_id, priority=0) for job_id in job_ids])
     stack.wait_finished(job_ids)

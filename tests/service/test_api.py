@@ -21,7 +21,7 @@ from jobs.reconcile import reconcile_once
 from jobs.settings import Settings
 from jobs.submit import insert_job
 from jobs.tables import Batch, Job
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, local_client
 
 pytestmark = pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
 
@@ -282,7 +282,7 @@ def test_oversized_body_is_a_413(api_client: TestClient, engine: Engine, publish
 
 def test_batch_over_the_limit_is_rejected(settings: Settings, engine: Engine, publisher: Publisher) -> None:
     limited = settings.model_copy(update={"max_batch_jobs": 5})
-    with TestClient(create_app(limited, reconcile=False)) as client:
+    with local_client(create_app(limited, reconcile=False)) as client:
         body = {"prompts": ["a", "b", "c"], "seeds": [1, 2], **SMALL}
         response = client.post("/v1/batches", json=body)
         assert_error_names(response, ["body", "prompts"], "expands to 6 jobs; the limit is 5")
@@ -379,8 +379,8 @@ def test_unknown_ids_are_404(api_client: TestClient) -> None:
         assert response.status_code == 404, path
         assert f"{missing} not found" in response.json()["detail"]
     assert api_client.get(f"/v1/batches/{missing}/jobs").status_code == 404
-    assert api_client.post(f"/v1/jobs/{missing}/cancel").status_code == 404
-    assert api_client.post(f"/v1/batches/{missing}/cancel").status_code == 404
+    assert api_client.post(f"/v1/jobs/{missing}/cancel", json={}).status_code == 404
+    assert api_client.post(f"/v1/batches/{missing}/cancel", json={}).status_code == 404
 
 
 def test_ids_that_are_not_uuids_are_422_before_any_query(api_client: TestClient) -> None:
@@ -389,7 +389,7 @@ def test_ids_that_are_not_uuids_are_422_before_any_query(api_client: TestClient)
         response = api_client.get(path)
         assert response.status_code == 422, path
         assert response.json()["detail"][0]["loc"][0] == "path", path
-    assert api_client.post("/v1/batches/%00/cancel").status_code == 422
+    assert api_client.post("/v1/batches/%00/cancel", json={}).status_code == 422
 
 
 @pytest.mark.parametrize(
@@ -431,7 +431,7 @@ def test_image_of_a_queued_job_is_409(api_client: TestClient) -> None:
 def test_cancel_a_queued_job(api_client: TestClient, engine: Engine) -> None:
     job_id = submit(api_client)
     other = submit(api_client)
-    response = api_client.post(f"/v1/jobs/{job_id}/cancel")
+    response = api_client.post(f"/v1/jobs/{job_id}/cancel", json={})
     assert response.status_code == 200
     view = response.json()
     assert view["status"] == "cancelled"
@@ -460,7 +460,7 @@ def test_batch_summary_and_cancel(api_client: TestClient, engine: Engine) -> Non
     listing = api_client.get(f"/v1/batches/{batch_id}/jobs").json()
     assert [job["id"] for job in listing["jobs"]] == created.json()["job_ids"]
 
-    cancelled = api_client.post(f"/v1/batches/{batch_id}/cancel")
+    cancelled = api_client.post(f"/v1/batches/{batch_id}/cancel", json={})
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelled"
     assert cancelled.json()["counts"]["cancelled"] == 6
@@ -482,7 +482,7 @@ def test_batch_cancel_flags_the_running_job(
     with transaction(factory) as session:
         assert claim_job(session, job_id=job_ids[0]) is not None
 
-    summary = api_client.post(f"/v1/batches/{batch_id}/cancel").json()
+    summary = api_client.post(f"/v1/batches/{batch_id}/cancel", json={}).json()
     assert summary["counts"]["running"] == 1
     assert summary["counts"]["cancelled"] == 1
     assert summary["status"] == "running"
@@ -499,7 +499,7 @@ def test_healthz_ok(api_client: TestClient) -> None:
 
 def test_healthz_names_a_dead_broker(settings: Settings) -> None:
     broken = settings.model_copy(update={"redis_url": CLOSED_BROKER})
-    with TestClient(create_app(broken, reconcile=False)) as client:
+    with local_client(create_app(broken, reconcile=False)) as client:
         response = client.get("/healthz")
     assert response.status_code == 503
     checks = response.json()
@@ -511,7 +511,7 @@ def test_broker_outage_loses_nothing_and_reconciler_publishes(
     settings: Settings, engine: Engine, publisher: Publisher
 ) -> None:
     broken = settings.model_copy(update={"redis_url": CLOSED_BROKER})
-    with TestClient(create_app(broken, reconcile=False)) as client:
+    with local_client(create_app(broken, reconcile=False)) as client:
         job_id = submit(client)
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
     row = get_job_row(engine, job_id)

@@ -123,7 +123,7 @@ def test_retry_a_failed_job_queues_a_linked_copy(
     fail(factory, original)
     assert publisher.queue_length() == 1
 
-    response = api_client.post(f"/v1/jobs/{original}/retry")
+    response = api_client.post(f"/v1/jobs/{original}/retry", json={})
     assert response.status_code == 201, response.text
     body = response.json()
     new_id = body["id"]
@@ -149,7 +149,7 @@ def test_retry_a_failed_job_queues_a_linked_copy(
     assert view["status"] == "queued"
 
     # Retrying the same original again would render it twice.
-    again = api_client.post(f"/v1/jobs/{original}/retry")
+    again = api_client.post(f"/v1/jobs/{original}/retry", json={})
     assert again.status_code == 409, again.text
     assert job_count(factory) == 2
     assert publisher.queue_length() == 2
@@ -157,8 +157,8 @@ def test_retry_a_failed_job_queues_a_linked_copy(
 
 def test_retry_a_cancelled_job_is_allowed(api_client: TestClient, factory: sessionmaker[Session]) -> None:
     job_id = submit(api_client)
-    assert api_client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
-    response = api_client.post(f"/v1/jobs/{job_id}/retry")
+    assert api_client.post(f"/v1/jobs/{job_id}/cancel", json={}).json()["status"] == "cancelled"
+    response = api_client.post(f"/v1/jobs/{job_id}/retry", json={})
     assert response.status_code == 201, response.text
     assert row(factory, response.json()["id"]).retry_of == job_id
 
@@ -180,10 +180,10 @@ def test_retry_of_a_queued_running_or_succeeded_job_is_409(
             stats=STATS,
         )
     for job_id in (queued, running, succeeded):
-        response = api_client.post(f"/v1/jobs/{job_id}/retry")
+        response = api_client.post(f"/v1/jobs/{job_id}/retry", json={})
         assert response.status_code == 409, response.text
-    assert api_client.post(f"/v1/jobs/{uuid.uuid4()}/retry").status_code == 404
-    assert api_client.post("/v1/jobs/no-such-job/retry").status_code == 422  # not a UUID
+    assert api_client.post(f"/v1/jobs/{uuid.uuid4()}/retry", json={}).status_code == 404
+    assert api_client.post("/v1/jobs/no-such-job/retry", json={}).status_code == 422  # not a UUID
     assert job_count(factory) == 3
     assert publisher.queue_length() == 3
 
@@ -196,7 +196,7 @@ def test_retry_a_batch_requeues_failed_and_cancelled_jobs(
     batch_id = created.json()["id"]
     failed, cancelled, waiting = created.json()["job_ids"]
     fail(factory, failed)
-    assert api_client.post(f"/v1/jobs/{cancelled}/cancel").status_code == 200
+    assert api_client.post(f"/v1/jobs/{cancelled}/cancel", json={}).status_code == 200
 
     before = api_client.get(f"/v1/batches/{batch_id}").json()
     assert before["total"] == 3
@@ -207,7 +207,7 @@ def test_retry_a_batch_requeues_failed_and_cancelled_jobs(
     )
     assert publisher.queue_length() == 3
 
-    response = api_client.post(f"/v1/batches/{batch_id}/retry")
+    response = api_client.post(f"/v1/batches/{batch_id}/retry", json={})
     assert response.status_code in (200, 201), response.text
     body = response.json()
     assert body["retried"] == 2
@@ -232,11 +232,11 @@ def test_retry_a_batch_requeues_failed_and_cancelled_jobs(
     assert row(factory, waiting).status == "queued"
 
     # Nothing left to retry: the originals are already replaced, the copies are queued.
-    second = api_client.post(f"/v1/batches/{batch_id}/retry")
+    second = api_client.post(f"/v1/batches/{batch_id}/retry", json={})
     assert second.json()["retried"] == 0
     assert publisher.queue_length() == 5
-    assert api_client.post(f"/v1/batches/{uuid.uuid4()}/retry").status_code == 404
-    assert api_client.post("/v1/batches/no-such-batch/retry").status_code == 422  # not a UUID
+    assert api_client.post(f"/v1/batches/{uuid.uuid4()}/retry", json={}).status_code == 404
+    assert api_client.post("/v1/batches/no-such-batch/retry", json={}).status_code == 422  # not a UUID
 
 
 # Pause and resume
@@ -246,11 +246,11 @@ def test_pause_holds_publishing_and_resume_republishes_handed_back_jobs(
     api_client: TestClient, factory: sessionmaker[Session], publisher: Publisher
 ) -> None:
     assert queue_view(api_client)["paused"] is False
-    paused = api_client.post("/v1/queue/pause")
+    paused = api_client.post("/v1/queue/pause", json={})
     assert paused.status_code == 200, paused.text
     assert paused.json()["paused"] is True
     # Pausing twice is harmless (the switch row is updated, not inserted again).
-    assert api_client.post("/v1/queue/pause").status_code == 200
+    assert api_client.post("/v1/queue/pause", json={}).status_code == 200
     assert queue_view(api_client)["paused"] is True
 
     unpublished = new_job(factory)
@@ -275,7 +275,7 @@ def test_pause_holds_publishing_and_resume_republishes_handed_back_jobs(
     length = publisher.queue_length()
     assert length == 2
 
-    resumed = api_client.post("/v1/queue/resume")
+    resumed = api_client.post("/v1/queue/resume", json={})
     assert resumed.status_code == 200, resumed.text
     assert resumed.json()["paused"] is False
     assert resumed.json()["republished"] == 2
