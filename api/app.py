@@ -12,12 +12,14 @@ from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.auth import KeyRing, is_loopback
+from api.errors import add_bounded_validation_errors
 from api.limits import BodyLimit, RateLimiter, StateChangeGuard
 from api.metrics import release_process_metrics
 from api.observability import add_observability
 from api.overload import add_load_shedding
 from api.routes import batches, jobs, system
 from jobs.db import make_engine, make_session_factory
+from jobs.leader import Leadership
 from jobs.queue import Publisher
 from jobs.reconcile import reconcile_once
 from jobs.settings import Settings, get_settings
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     for module in (jobs, batches, system):
         app.include_router(module.router)
     add_client_limits(app, settings)
+    add_bounded_validation_errors(app)
     add_load_shedding(app, settings.api_max_inflight)
     add_observability(app, settings, engine)  # last added = outermost: every request is seen
     return app
@@ -97,15 +100,23 @@ def refuse_open_address_without_keys(ring: KeyRing, settings: Settings) -> None:
 
 def _reconcile_loop(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
     # Runs at start-up and then every interval, in the API process: it owns publishing already,
-    # and a restarted stack resumes where it stopped without any extra service to deploy.
+    # and a restarted stack resumes where it stopped without any extra service to deploy. Under
+    # several uvicorn workers only the lease holder runs the pass.
+    leadership = Leadership(
+        settings.resolved_redis_url(),
+        f"{settings.queue_name}:reconciler-leader",
+        ttl_s=3 * settings.reconcile_interval_s,
+    )
     while not stop.is_set():
         try:
-            reconcile_once(
-                app.state.session_factory,
-                app.state.publisher,
-                stale_after_s=settings.heartbeat_stale_s,
-                republish_after_s=settings.republish_after_s,
-            )
+            if leadership.hold():
+                reconcile_once(
+                    app.state.session_factory,
+                    app.state.publisher,
+                    stale_after_s=settings.heartbeat_stale_s,
+                    republish_after_s=settings.republish_after_s,
+                )
         except Exception:  # a database or broker outage must not kill the loop
             log.exception("reconciler pass failed")
         stop.wait(settings.reconcile_interval_s)
+    leadership.release()

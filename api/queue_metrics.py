@@ -123,13 +123,14 @@ def heartbeat_families(session: Session, now: datetime) -> list[Metric]:
 
 def recent_renders(session: Session, limit: int) -> list[RecentRender]:
     """The most recently recorded job stats, newest first; the plan only where it ran out of memory."""
+    # Pick the rows first on the stats table alone, then join and read plans for those rows only.
+    recent = select(JobStats.job_id).order_by(JobStats.recorded_at.desc()).limit(limit).subquery()
     oom_plan = case((JobStats.plan.like(f"%{OOM_OUTCOME}%"), JobStats.plan), else_=None)
     phases = [getattr(JobStats, f"{phase}_s") for phase in PHASES]
     rows = session.execute(
         select(Job.width, Job.height, JobStats.offload_mode, JobStats.peak_reserved_bytes, oom_plan, *phases)
+        .join(recent, recent.c.job_id == JobStats.job_id)
         .join(Job, Job.id == JobStats.job_id)
-        .order_by(JobStats.recorded_at.desc())
-        .limit(limit)
     ).all()
     return [
         RecentRender(

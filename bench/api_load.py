@@ -9,14 +9,22 @@ or on a status >= 500 (503 is also counted as `shed`). Latency percentiles are o
 ones included at the time they took to fail. After the window it times how long `/healthz` takes to answer
 200 again, and reads from SQL how many of the batch's jobs had succeeded by the window's end.
 
+With `--submit-prompts N` it measures submission instead, on a stack with the API alone: it POSTs a
+batch of N prompts `--repeats` times, while polling `GET /healthz` every `--healthz-every-ms` in an open
+loop, and writes two rows per backend: `submit_10k` (the POST's time to its 201) and
+`healthz_during_submit_10k` (the polls sent while a POST was in flight). It then checks that Redis
+holds one message per submitted job.
+
     python bench/api_load.py                                          # both backends, 200/s for 60 s
     python bench/api_load.py --backends sqlite --seconds 20 --out /tmp/api-load.json
+    python bench/api_load.py --submit-prompts 10000                   # submission, both backends
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -41,6 +49,7 @@ from sqlalchemy import create_engine, func, select, text
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli.stack import Stack
+from jobs.queue import Publisher
 from jobs.settings import Settings
 from jobs.tables import Job
 
@@ -294,6 +303,107 @@ async def measure(
 
 
 # ---------------------------------------------------------------------------------------------------
+# A big submission, and /healthz while it is accepted
+# ---------------------------------------------------------------------------------------------------
+
+
+def submission_bytes(prompts: int, repeat: int) -> bytes:
+    """A batch of `prompts` distinct prompts, encoded once so the client's JSON work is not timed."""
+    texts = [f"submission {repeat}.{i}: {SUBJECTS[i % len(SUBJECTS)]}" for i in range(prompts)]
+    return json.dumps({"prompts": texts, "sizes": ["64x64"], "steps": 4, "model": MODEL}).encode()
+
+
+async def poll_healthz_until(
+    client: httpx.AsyncClient, state: LoadState, done: asyncio.Event, every_s: float, timeout: float
+) -> None:
+    """Send GET /healthz every `every_s` (each on its own task, open loop) until `done` is set."""
+    start = time.perf_counter()
+    for index in range(1_000_000):
+        due = start + index * every_s
+        delay = due - time.perf_counter()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), delay)
+        if done.is_set():
+            return
+        task = asyncio.create_task(one_request(client, state, "/healthz", due, timeout))
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+        state.sent += 1
+
+
+async def timed_submission(
+    client: httpx.AsyncClient, body: bytes, state: LoadState, args: argparse.Namespace
+) -> tuple[float, int | None]:
+    """POST one batch while /healthz is polled; returns the POST's seconds and status (None: failed)."""
+    done = asyncio.Event()
+    poller = asyncio.create_task(poll_healthz_until(client, state, done, args.healthz_every_ms / 1000, 5.0))
+    start = time.perf_counter()
+    try:
+        response = await client.post(
+            "/v1/batches", content=body, headers={"content-type": "application/json"}
+        )
+        status: int | None = response.status_code
+    except httpx.HTTPError as error:
+        print(f"submission failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        status = None
+    elapsed = time.perf_counter() - start
+    done.set()
+    await poller
+    return elapsed, status
+
+
+async def measure_submissions(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Submit the big batch `args.repeats` times, each with /healthz polled alongside."""
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    state = LoadState()
+    timings: list[tuple[float, int | None]] = []
+    async with httpx.AsyncClient(
+        base_url=settings.resolved_api_url(), timeout=120.0, limits=limits
+    ) as client:
+        for repeat in range(args.repeats):
+            body = submission_bytes(args.submit_prompts, repeat)
+            timings.append(await timed_submission(client, body, state, args))
+            await asyncio.gather(*list(state.tasks))  # polls sent during the POST finish before the next
+            await asyncio.sleep(0.5)
+    return {"timings": timings, "healthz": state.samples}
+
+
+def submission_rows(backend: str, args: argparse.Namespace, figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `submit_10k` and `healthz_during_submit_10k` rows of one backend's run."""
+    suffix = "10k" if args.submit_prompts == 10_000 else str(args.submit_prompts)
+    seconds = [elapsed for elapsed, _ in figures["timings"]]
+    polls: list[Sample] = figures["healthz"]
+    failures = Counter(s.failure or (None if s.status == 200 else f"status_{s.status}") for s in polls)
+    failures.pop(None, None)
+    common = {"backend": backend, "machine": f"{os.cpu_count()}-core CPU", "prompts": args.submit_prompts}
+    submit = {
+        "name": f"submit_{suffix}",
+        **common,
+        "requests": len(seconds),
+        "errors": sum(status != 201 for _, status in figures["timings"]),
+        "p50_ms": percentile_ms(seconds, 0.50),
+        "p99_ms": percentile_ms(seconds, 0.99),
+        "seconds": round(max(seconds), 3),  # the slowest of the repeats
+        "each_s": [round(value, 3) for value in seconds],
+        "messages_in_redis": figures["messages"],
+    }
+    healthz = {
+        "name": f"healthz_during_submit_{suffix}",
+        **common,
+        "requests": len(polls),
+        "errors": sum(failures.values()),
+        "p50_ms": percentile_ms([s.latency_s for s in polls], 0.50),
+        "p99_ms": percentile_ms([s.latency_s for s in polls], 0.99),
+        "max_ms": percentile_ms([s.latency_s for s in polls], 1.0),
+        "seconds": round(sum(seconds), 3),  # how long submissions were in flight, all repeats
+        "every_ms": args.healthz_every_ms,
+        "error_kinds": dict(sorted(failures.items())),
+    }
+    return [submit, healthz]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Rows and the results file
 # ---------------------------------------------------------------------------------------------------
 
@@ -365,6 +475,9 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "model": MODEL,
         "latency": "from send to response, every request; failed ones at the time they took to fail",
+        "submit_prompts": args.submit_prompts,
+        "repeats": args.repeats,
+        "healthz_every_ms": args.healthz_every_ms,
     }
 
 
@@ -382,7 +495,17 @@ def save_row(path: Path, meta: dict[str, Any], row: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_submissions(settings: Settings, backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time the big submissions on a running API and check every job got its message."""
+    figures = asyncio.run(measure_submissions(settings, args))
+    figures["messages"] = Publisher(settings).queue_length()
+    expected = sum(status == 201 for _, status in figures["timings"]) * args.submit_prompts
+    if figures["messages"] != expected:
+        print(f"[{backend}] {figures['messages']} messages in Redis, {expected} expected", file=sys.stderr)
+    return submission_rows(backend, args, figures)
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Start a stack on the backend, submit the batch, load it, and always tear everything down."""
     workdir = Path(tempfile.mkdtemp(prefix=f"nr-load-{backend}-"))
     database_url = create_postgres_database(args.postgres_admin_url) if backend == "postgres" else None
@@ -391,12 +514,15 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         settings = make_settings(workdir, database_url, args.model_cache)
         stack = Stack(settings)
         print(f"[{backend}] starting the stack in {workdir}", file=sys.stderr, flush=True)
+        if args.submit_prompts:
+            stack.start(worker=False)  # the API alone: what is measured is accepting the batch
+            return run_submissions(settings, backend, args)
         stack.start()
         api_url = settings.resolved_api_url()
         batch_id, job_ids = submit_batch(api_url, batch_body(args.prompts, args.steps, args.size))
         wait_rendering(api_url, batch_id)
         print(f"[{backend}] {len(job_ids)} jobs rendering; loading", file=sys.stderr, flush=True)
-        return make_row(backend, args, asyncio.run(measure(settings, batch_id, job_ids, args, backend)))
+        return [make_row(backend, args, asyncio.run(measure(settings, batch_id, job_ids, args, backend)))]
     finally:
         if stack is not None:
             stack.stop()
@@ -421,6 +547,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--burst", type=int, default=0, help="send this many polls at once instead of the open loop"
     )
     parser.add_argument("--prompts", type=int, default=300, help="prompts in the batch the worker renders")
+    parser.add_argument(
+        "--submit-prompts",
+        type=int,
+        default=0,
+        help="measure submitting a batch of this many prompts instead",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="submissions per backend with --submit-prompts"
+    )
+    parser.add_argument("--healthz-every-ms", type=float, default=20.0, help="/healthz poll interval")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", default="64x64")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api-load.json")
@@ -441,13 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for backend in args.backends:
         try:
-            row = run_backend(backend, args)
+            rows = run_backend(backend, args)
         except Exception as error:  # report it and go on with the next backend
             print(f"[{backend}] failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        save_row(args.out, run_meta(args), row)
-        print(json.dumps(row), flush=True)
+        for row in rows:
+            save_row(args.out, run_meta(args), row)
+            print(json.dumps(row), flush=True)
     return 1 if failed else 0
 
 

@@ -116,9 +116,10 @@ class Stack:
 
 
 def api_command(settings: Settings) -> list[str]:
-    """The HTTP API under uvicorn."""
+    """The HTTP API under uvicorn, in API_WORKERS processes (each with its own threads and pool)."""
+    workers = ["--workers", str(settings.api_workers)] if settings.api_workers > 1 else []
     return [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-            "--host", settings.api_host, "--port", str(settings.api_port)]  # fmt: skip
+            "--host", settings.api_host, "--port", str(settings.api_port), *workers]  # fmt: skip
 
 
 def redis_server_command(port: int, folder: Path) -> list[str]:

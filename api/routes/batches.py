@@ -40,7 +40,6 @@ from jobs.views import batch_view
 from jobs.webhooks import webhook_refusal_off_loop, webhook_status
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 LIST_FIELDS = {"seeds", "sizes"}
 
 BATCH_BODY_DOC: dict[str, Any] = {
@@ -142,9 +141,6 @@ def _queue_batch(
 
 async def _batch_payload(request: Request) -> Any:
     """The batch as a dict, from a JSON body or from a multipart upload with form fields."""
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > MAX_UPLOAD_BYTES:
-        raise HTTPException(status_code=413, detail=f"request body over {MAX_UPLOAD_BYTES} bytes")
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         return await _form_payload(request)

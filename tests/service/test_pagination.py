@@ -69,7 +69,9 @@ def test_batch_jobs_walk_every_job_once_in_order(
     with transaction(factory) as session:
         claim = claim_job(session, job_id=ids[7])
         assert claim is not None
-        assert fail_job(session, job_id=ids[7], lease_token=claim.lease_token, error="out of memory", stats=None)
+        assert fail_job(
+            session, job_id=ids[7], lease_token=claim.lease_token, error="out of memory", stats=None
+        )
     with transaction(factory) as session:
         claim = claim_job(session, job_id=ids[12])
         assert claim is not None

@@ -222,3 +222,18 @@ def test_an_open_address_without_keys_refuses_to_start(settings: Settings, engin
     new_key(engine, f"admin-{uuid.uuid4().hex[:6]}", admin=True)
     with client_for(settings, api_host="0.0.0.0") as api:  # with a key it starts
         assert api.get("/healthz").status_code == 200
+
+
+def test_errors_do_not_echo_unbounded_input(api_client: TestClient) -> None:
+    """A 422 used to carry the whole offending value back (`input`), a 10 kB field in full."""
+    huge = "9" * 10_000
+    answers = [
+        api_client.post("/v1/jobs", json={"prompt": "a", "width": huge}),
+        api_client.post("/v1/jobs", json={"prompt": "a", huge: 1}),
+        api_client.post("/v1/batches", json={"prompts": ["a"], "sizes": [huge]}),
+        api_client.post("/v1/jobs", json={"prompt": "a", "model": huge}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        assert len(answer.content) < 2_000, answer.text[:300]
+        assert "more characters" in answer.text or huge[:200] not in answer.text
