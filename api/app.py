@@ -74,7 +74,9 @@ def add_client_limits(app: FastAPI, settings: Settings) -> None:
     def limit_for(path: str) -> int:
         return settings.api_max_upload_bytes if path == "/v1/batches" else settings.api_max_body_bytes
 
-    app.add_middleware(StateChangeGuard, allowed_origins=settings.allowed_origin_set())
+    app.add_middleware(
+        StateChangeGuard, allowed_origins=settings.allowed_origin_set(), routes=app.router.routes
+    )
     app.add_middleware(BodyLimit, limit_for=limit_for)
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis
 import redis.asyncio
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,14 @@ class StateChangeGuard:
     preflight); refusing other content types and foreign `Origin`s closes that door, on loopback too.
     """
 
-    def __init__(self, app: ASGIApp, allowed_origins: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, allowed_origins: frozenset[str], routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.allowed_origins = allowed_origins
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse a foreign origin with 403 and any other body type with 415."""
-        if scope["type"] != "http" or scope["method"] not in STATE_CHANGING:
+        if scope["type"] != "http" or scope["method"] not in STATE_CHANGING or not self._routed(scope):
             await self.app(scope, receive, send)
             return
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
@@ -109,6 +111,10 @@ class StateChangeGuard:
             await _reject(HTTPException(415, detail), scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _routed(self, scope: Scope) -> bool:
+        # Only a request that reaches a route is judged; others get the router's own 404 or 405.
+        return any(route.matches(scope)[0] == Match.FULL for route in self.routes)
 
     def _same_or_allowed(self, origin: str, host: str, scope: Scope) -> bool:
         own = f"{scope.get('scheme', 'http')}://{host}"

@@ -182,6 +182,8 @@ def configure_logging(log_format: str, level: str) -> None:
     handler = ApiLogHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
+    # On the handler too: loggers with their own level (uvicorn's are INFO) would pass lower lines on.
+    handler.setLevel(level.upper())
     root.addHandler(handler)
     root.setLevel(level.upper())
     route_uvicorn_logs()

@@ -14,7 +14,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.stack import Stack, api_command
+from cli.stack import Stack
 from jobs.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)]
@@ -51,12 +51,10 @@ def two_workers(settings: Settings, tmp_path: Path) -> Iterator[tuple[Stack, Pat
     """The API under uvicorn with two worker processes sharing a metrics folder."""
     folder = tmp_path / "prometheus"
     folder.mkdir()
-    shared = settings.model_copy(update={"prometheus_multiproc_dir": folder})
+    shared = settings.model_copy(update={"prometheus_multiproc_dir": folder, "api_workers": WORKERS})
     running = Stack(shared)  # exports PROMETHEUS_MULTIPROC_DIR to the processes it starts
     try:
-        running.start(api=False, worker=False)
-        running.spawn("api", [*api_command(shared), "--workers", str(WORKERS)])
-        running.wait_healthy()
+        running.start(worker=False)
         yield running, folder
     finally:
         running.stop()
