@@ -286,6 +286,7 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": "first byte of the body, from sending the request, nearest-rank over the runs",
         "seconds": "median time to the last byte",
         "target": "first byte <= 200 ms",
+        **({"note": args.note} if args.note else {}),
     }
 
 
@@ -310,6 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a download fails")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api-archive.json")
     parser.add_argument("--postgres-admin-url", default=POSTGRES_ADMIN_URL)
+    parser.add_argument("--note", default="", help="a line stored in the results' meta")
     args = parser.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = set(args.backends) - {"sqlite", "postgres"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/metrics-scrape.json")
     args = parser.parse_args()
     results = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         for backend in args.backends.split(","):
             for jobs in (int(size) for size in args.sizes.split(",")):
@@ -166,6 +168,9 @@ def main() -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {platform.processor() or '?'}, python {platform.python_version()}",
         "scrapes": SCRAPES,
+        # Other work on the machine inflates the figures: the 1-minute load average before and after.
+        "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "cpus": os.cpu_count(),
         "metrics_recent_jobs": Settings().metrics_recent_jobs,
     }
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

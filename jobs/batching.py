@@ -15,7 +15,19 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.params import MAX_SEED, Dtype, GenerationParams
+from jobs.params import (
+    Dtype,
+    GenerationParams,
+    Guidance,
+    ModelName,
+    NegativeText,
+    Priority,
+    PromptText,
+    Seed,
+    SeedValue,
+    Side,
+    Steps,
+)
 from jobs.webhook_targets import MAX_URL_LENGTH, url_form_problem
 
 OVERRIDABLE = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale")
@@ -27,13 +39,13 @@ class PromptItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    negative_prompt: str | None = None
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
+    prompt: PromptText
+    negative_prompt: NegativeText | None = None
+    seed: SeedValue | None = None
+    width: Side | None = None
+    height: Side | None = None
+    steps: Steps | None = None
+    guidance_scale: Guidance | None = None
 
 
 class Size(BaseModel):
@@ -70,16 +82,16 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    negative_prompt: str | None = None
-    width: int = 1024
-    height: int = 1024
-    steps: int = 9
-    guidance_scale: float = 0.0
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    model: str | None = Field(None, min_length=1)
+    prompt: PromptText
+    negative_prompt: NegativeText | None = None
+    width: Side = 1024
+    height: Side = 1024
+    steps: Steps = 9
+    guidance_scale: Guidance = 0.0
+    seed: Seed | None = None
+    model: ModelName | None = None
     dtype: Dtype = "bf16"
-    priority: int = Field(0, ge=0, le=9)
+    priority: Priority = 0
 
 
 class BatchCreate(BaseModel):
@@ -87,18 +99,18 @@ class BatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str | PromptItem] = Field(min_length=1)
-    negative_prompt: str | None = None
-    width: int = 1024
-    height: int = 1024
+    prompts: list[PromptText | PromptItem] = Field(min_length=1)
+    negative_prompt: NegativeText | None = None
+    width: Side = 1024
+    height: Side = 1024
     sizes: list[Size] | None = Field(None, min_length=1)
-    steps: int = 9
-    guidance_scale: float = 0.0
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    seeds: list[int] | None = Field(None, min_length=1)
-    model: str | None = Field(None, min_length=1)
+    steps: Steps = 9
+    guidance_scale: Guidance = 0.0
+    seed: Seed | None = None
+    seeds: list[Seed] | None = Field(None, min_length=1)
+    model: ModelName | None = None
     dtype: Dtype = "bf16"
-    priority: int = Field(0, ge=0, le=9)
+    priority: Priority = 0
     webhook_url: str | None = Field(
         None,
         max_length=MAX_URL_LENGTH,
@@ -112,14 +124,6 @@ class BatchCreate(BaseModel):
         if problem:
             raise ValueError(problem)
         return url
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds_in_range(cls, seeds: list[int] | None) -> list[int] | None:
-        for seed in seeds or []:
-            if not 0 <= seed <= MAX_SEED:
-                raise ValueError(f"every seed must be between 0 and {MAX_SEED}, got {seed}")
-        return seeds
 
     @model_validator(mode="after")
     def _one_seed_form(self) -> BatchCreate:

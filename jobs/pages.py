@@ -22,6 +22,7 @@ from jobs.tables import Batch, Job
 from jobs.views import not_superseded
 
 JOBS_LIST = "j"
+MAX_INDEX = 2**31  # batch_index is a 32-bit integer column
 BATCHES_LIST = "b"
 
 
@@ -61,6 +62,8 @@ def decode_cursor(token: str, tag: str, types: tuple[type, ...]) -> list[Any]:
 def batch_jobs_page(session: Session, *, batch_id: str, limit: int, cursor: str | None) -> Page:
     """The batch's jobs after the cursor, in submission order, each with its failure reason."""
     after = decode_cursor(cursor, JOBS_LIST, (int,))[0] if cursor else -1
+    if not -1 <= after < MAX_INDEX:
+        raise BadCursor("not a cursor this API issued")  # a crafted index must not reach the driver
     columns = (Job.id, Job.batch_index, Job.status, Job.prompt, Job.seed, Job.width, Job.height, Job.error)
     rows = session.execute(
         select(*columns)
@@ -94,11 +97,11 @@ def _timestamp(text: str) -> datetime:
     """A cursor's creation time, in UTC as stored (cursors always carry an offset)."""
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            raise ValueError("no offset")
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 moved west of UTC
         raise BadCursor("not a cursor this API issued") from None
-    if moment.tzinfo is None:
-        raise BadCursor("not a cursor this API issued")
-    return moment.astimezone(UTC)
 
 
 def _older_than(created: datetime, batch_id: str) -> ColumnElement[bool]:

@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 SIZE_MULTIPLE = 16
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_PIXELS = 2048 * 2048
 MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 2000
+# The schema's statement of "no control characters but tab, newline and return" (Unicode category Cc).
+NO_CONTROL_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+
+# The request models' fields. The schema states the limits; GenerationParams enforces them when a request
+# is expanded, so each error is reported once, at its place in the body (not once per union member).
+PromptText = Annotated[
+    str,
+    WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS, "pattern": NO_CONTROL_PATTERN}
+    ),
+]
+NegativeText = Annotated[
+    str, WithJsonSchema({"type": "string", "maxLength": MAX_PROMPT_CHARS, "pattern": NO_CONTROL_PATTERN})
+]
+Side = Annotated[
+    int,
+    WithJsonSchema(
+        {"type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": SIZE_MULTIPLE}
+    ),
+]
+SeedValue = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_SEED})]
+Steps = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 100})]
+Guidance = Annotated[float, WithJsonSchema({"type": "number", "minimum": 0.0, "maximum": 30.0})]
+ModelName = Annotated[
+    str, Field(min_length=1, max_length=500, json_schema_extra={"pattern": NO_CONTROL_PATTERN})
+]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Priority = Annotated[int, Field(ge=0, le=9, description="0-9, higher runs sooner")]
 
 
 def is_control(char: str) -> bool:

@@ -187,7 +187,12 @@ BAD_JSON_BATCHES: list[Any] = [
         id="bad-override",
     ),
     pytest.param({"prompts": ["a"], "sizes": ["64by64"]}, ["body", "sizes", 0], "1024x768", id="bad-size"),
-    pytest.param({"prompts": ["a"], "seeds": [-1]}, ["body", "seeds"], "between 0 and", id="negative-seed"),
+    pytest.param(
+        {"prompts": ["a"], "seeds": [-1]},
+        ["body", "seeds", 0],
+        "greater than or equal to 0",
+        id="negative-seed",
+    ),
 ]
 
 

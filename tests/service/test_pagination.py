@@ -122,11 +122,14 @@ def test_a_bad_cursor_is_a_422(api_client: TestClient) -> None:
         (jobs_path, "not base64 at all!"),
         (jobs_path, "bm90IGpzb24"),  # base64 of "not json"
         (jobs_path, encode_cursor("j", "seven")),
+        (jobs_path, encode_cursor("j", 2**70)),
+        (jobs_path, encode_cursor("j", -5)),
         (jobs_path, batch_cursor),
         (jobs_path, "x" * 201),
         ("/v1/batches", encode_cursor("j", 3)),
         ("/v1/batches", encode_cursor(BATCHES_LIST, "yesterday", created["id"])),
         ("/v1/batches", encode_cursor(BATCHES_LIST, "2026-01-01T00:00:00", created["id"])),
+        ("/v1/batches", encode_cursor(BATCHES_LIST, "0001-01-01T00:00:00+01:00", created["id"])),
     ]
     for path, cursor in cases:
         response = api_client.get(path, params={"cursor": cursor})

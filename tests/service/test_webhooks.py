@@ -230,6 +230,21 @@ def test_a_retried_batch_that_finishes_again_gets_a_second_delivery(
     assert client.get(f"/v1/batches/{batch_id}").json()["webhook"]["sequence"] == 2
 
 
+def test_a_finish_overtaken_by_a_retry_is_sent_once_with_the_new_sequence(
+    client: TestClient, factory: sessionmaker[Session], hook_settings: Settings, receiver: Receiver
+) -> None:
+    batch_id, [job_id] = submit(client, receiver.url, prompts=1)
+    end_job(factory, job_id, ok=False)
+    retried = client.post(f"/v1/batches/{batch_id}/retry", json={})
+    [new_job] = retried.json()["job_ids"]
+    assert run_pass(factory, hook_settings) == WebhookReport(recorded=0, attempted=0, delivered=0)
+    end_job(factory, new_job, ok=True)
+
+    assert run_pass(factory, hook_settings) == WebhookReport(recorded=1, attempted=1, delivered=1)
+    assert [row.sequence for row in deliveries(factory, batch_id)] == [2]
+    assert [json.loads(r.body)["status"] for r in receiver.requests] == ["succeeded"]
+
+
 def test_each_finish_is_recorded_once_under_concurrent_passes(
     client: TestClient, factory: sessionmaker[Session], hook_settings: Settings, receiver: Receiver
 ) -> None:
