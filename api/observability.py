@@ -30,6 +30,8 @@ MAX_LOGGED_PATH = 200
 # Probes and scrapes come every few seconds: their access lines are DEBUG, so INFO logs show real traffic.
 QUIET_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
+# Any other method is logged and counted as OTHER, so a client cannot mint metric series or long lines.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 access_log = logging.getLogger("api.access")
@@ -113,7 +115,8 @@ class RequestObserver:
 
     def _finish(self, scope: Scope, status: int, started: float) -> None:
         seconds = time.perf_counter() - started
-        method = str(scope.get("method", ""))
+        method = str(scope.get("method"))
+        method = method if method in KNOWN_METHODS else "OTHER"
         path = str(scope.get("path", ""))
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         fields = {"method": method, "path": loggable_path(path), "status": status}

@@ -274,7 +274,7 @@ def main() -> None:
         "",
     ]
     for path in sorted(RESULTS.glob("*.json")):
-        if path.stem.startswith(("service-", "api-load")):
+        if path.stem.startswith(("service-", "api-")):
             continue  # the service section below; the API load results are in the README
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "rows" not in data:

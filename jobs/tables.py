@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -99,7 +100,20 @@ class Job(Base):
     """One image to render: its parameters, its place in the queue and its outcome."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key"),)
+    # The two indexes of migration 0007: the queue in FIFO order, and a batch's jobs in order.
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key"),
+        Index(
+            "ix_jobs_queue_order",
+            "status",
+            text("priority DESC"),
+            "attempts",
+            "created_at",
+            "batch_index",
+            "id",
+        ),
+        Index("ix_jobs_batch_order", "batch_id", "batch_index"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)

@@ -94,7 +94,13 @@ async def livez() -> Liveness:
     return Liveness()
 
 
-@router.get("/readyz", responses={503: {"model": Readiness, "description": "something is not ready"}})
+@router.get(
+    "/readyz",
+    responses={
+        200: {"model": Readiness, "description": "ready"},
+        503: {"model": Readiness, "description": "something is not ready"},
+    },
+)
 @closes_session
 def readyz(session: SessionDep, publisher: PublisherDep) -> JSONResponse:
     """200 when the database and broker answer and the schema is at the Alembic head, else 503 naming it."""

@@ -201,6 +201,7 @@ def test_latency_by_route_template_and_status(api_client: TestClient) -> None:
     statuses = [api_client.get(f"/v1/jobs/{i:08d}-0000-4000-8000-000000000000").status_code for i in range(3)]
     api_client.get("/livez")
     api_client.get("/no/such/page/x")
+    api_client.request("BREW", "/livez")  # an odd method must not become a label of its own
     samples = scrape(api_client)
     name = "nightrender_http_request_duration_seconds_count"
     for status in set(statuses):
@@ -208,6 +209,7 @@ def test_latency_by_route_template_and_status(api_client: TestClient) -> None:
         assert value(samples, name, method="GET", route=job_path, status=str(status)) == expected
     assert value(samples, name, method="GET", route="/livez", status="200") == 1
     assert value(samples, name, method="GET", route="unmatched", status="404") == 1
+    assert value(samples, name, method="OTHER", route="/livez", status="405") == 1
     assert not any("00000000-0000" in str(labels) for _name, labels in samples)
 
 

@@ -1,0 +1,183 @@
+"""What each route answers, as pydantic models: the OpenAPI document states them, and FastAPI checks them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from jobs.states import JobStatus
+
+
+class Problem(BaseModel):
+    """An error other than a validation error: what went wrong, in words."""
+
+    detail: str
+
+
+class JobCreated(BaseModel):
+    """A queued job (or the one an earlier request with the same Idempotency-Key made)."""
+
+    id: str
+    status: JobStatus
+    seed: int | None
+
+
+class BatchCreated(BaseModel):
+    """A queued batch and its job ids, in submission order."""
+
+    id: str
+    job_ids: list[str]
+
+
+class JobParams(BaseModel):
+    """The parameters a job renders with, as stored."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    model: str
+    dtype: str
+    negative_prompt: str | None
+
+
+class Progress(BaseModel):
+    """Denoising steps done out of the job's total."""
+
+    step: int
+    total: int
+
+
+class JobMemory(BaseModel):
+    """A job's measured memory and time (its final attempt)."""
+
+    peak_allocated_bytes: int | None
+    peak_reserved_bytes: int | None
+    device_total_bytes: int | None
+    device_used_start_bytes: int | None
+    device_free_start_bytes: int | None
+    device_used_end_bytes: int | None
+    device_free_end_bytes: int | None
+    host_rss_bytes: int | None
+    offload_mode: str
+    plan: str | None = Field(description="the planner's plan, as JSON text")
+    predicted_peak_bytes: int | None
+    vram_budget_bytes: int | None
+    load_s: float
+    encode_s: float
+    denoise_s: float
+    decode_s: float
+    save_s: float
+    place_s: float
+    placement_changed: bool
+    recompiles: int
+    device_name: str
+    torch_version: str
+    diffusers_version: str
+    recorded_at: str | None
+
+
+class JobView(BaseModel):
+    """A job's status, progress, place in the queue, error and memory."""
+
+    id: str
+    batch_id: str | None
+    status: JobStatus
+    prompt: str
+    params: JobParams
+    priority: int
+    progress: Progress
+    queue_position: int | None = Field(description="queued jobs ahead of this one (FIFO), at most ~1 s old")
+    attempts: int
+    retry_of: str | None
+    error: str | None
+    created_at: str
+    finished_at: str | None
+    memory: JobMemory | None
+
+
+class JobRetried(BaseModel):
+    """The new job a retry queued."""
+
+    id: str
+    retry_of: str
+    status: JobStatus
+
+
+class BatchRetried(BaseModel):
+    """How many failed or cancelled jobs of a batch were queued again, and their new ids."""
+
+    id: str
+    retried: int
+    job_ids: list[str]
+
+
+class QueueState(BaseModel):
+    """Whether the queue is paused, and how many jobs wait and run."""
+
+    paused: bool
+    queued: int
+    running: int
+
+
+class Paused(BaseModel):
+    """The queue's switch after a pause."""
+
+    paused: bool
+
+
+class Resumed(BaseModel):
+    """The queue's switch after a resume, and the jobs published at once."""
+
+    paused: bool
+    republished: int
+
+
+class StatsRow(BaseModel):
+    """Measured memory and time for one resolution and plan."""
+
+    width: int
+    height: int
+    offload_mode: str
+    device_name: str
+    jobs: int
+    peak_allocated_bytes_max: int | None
+    peak_reserved_bytes_max: int | None
+    peak_reserved_bytes_mean: int | None
+    seconds_per_image_mean: float | None
+    denoise_seconds_mean: float | None
+
+
+class StatsTable(BaseModel):
+    """The measured memory-by-resolution table."""
+
+    rows: list[StatsRow]
+
+
+class Health(BaseModel):
+    """Each dependency's answer: "ok" or the error."""
+
+    database: str
+    broker: str
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers a route can give (422 is documented by FastAPI itself)."""
+    return {code: {"model": Problem, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
+ERROR_MEANINGS = {
+    401: "no key, or an unknown or revoked key (keys are configured)",
+    403: "not allowed: a foreign Origin, a non-loopback client with no keys configured, or not an admin",
+    404: "no such id for this key",
+    409: "conflicts with the current state, or an Idempotency-Key reused with another body",
+    410: "the image is no longer on disk",
+    413: "the request body is over its limit",
+    415: "a state-changing request must be application/json or multipart/form-data",
+    429: "over this key's rate limit or queued-jobs quota; see Retry-After",
+    503: "busy or a dependency is down; see Retry-After",
+}
+# What any /v1 route may answer, besides its own codes.
+CALLER_ERRORS = (401, 403, 429, 503)
