@@ -20,6 +20,8 @@ from api.deps import (
     closes_session,
 )
 from api.errors import not_found
+from api.openapi import ACTION_BODY
+from api.schemas import CALLER_ERRORS, JobCreated, JobRetried, JobView, error_responses
 from api.submission import check_quota, expansion_errors, idempotency_for, resolve_model
 from jobs.batching import ExpansionError, JobCreate, job_params
 from jobs.lifecycle import RETRYABLE, request_cancel, retry_jobs
@@ -29,10 +31,15 @@ from jobs.submit import IdempotencyConflict, publish_jobs, submit_job
 from jobs.tables import Job
 from jobs.views import job_view
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*CALLER_ERRORS))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobCreated,
+    responses=error_responses(409, 413, 415),
+)
 def create_job(
     body: JobCreate,
     caller: CallerDep,
@@ -71,14 +78,21 @@ def load_job(session: SessionDep, job_id: str, caller: Caller) -> Job:
     return job
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
 @closes_session
 def get_job(job_id: JobId, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """A job's status, progress, queue position, error and memory stats."""
     return job_view(session, load_job(session, job_id, caller))
 
 
-@router.get("/{job_id}/image", response_class=FileResponse)
+@router.get(
+    "/{job_id}/image",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG"},
+        **error_responses(404, 409, 410),
+    },
+)
 @closes_session
 def get_job_image(
     job_id: JobId, caller: CallerDep, session: SessionDep, settings: SettingsDep
@@ -94,7 +108,13 @@ def get_job_image(
     return FileResponse(path, media_type="image/png", filename=f"{job_id}.png")
 
 
-@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/{job_id}/retry",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRetried,
+    responses=error_responses(404, 409, 413, 415),
+    openapi_extra=ACTION_BODY,
+)
 def retry_job(
     job_id: JobId, caller: CallerDep, factory: FactoryDep, publisher: PublisherDep
 ) -> dict[str, Any]:
@@ -121,7 +141,12 @@ def _retry_one(factory: FactoryDep, job_id: str, caller: Caller) -> tuple[list[s
         return retry_jobs(session, job_ids=[job_id]), job.priority
 
 
-@router.post("/{job_id}/cancel")
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobView,
+    responses=error_responses(404, 413, 415),
+    openapi_extra=ACTION_BODY,
+)
 def cancel_job(job_id: JobId, caller: CallerDep, factory: FactoryDep) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""
     with factory() as session, session.begin():
