@@ -26,7 +26,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.auth import AdminDep
 from api.queue_metrics import QueueCollector
+from api.schemas import CALLER_ERRORS, error_responses
 from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,9 +143,12 @@ def release_process_metrics() -> None:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {}}},
+        **error_responses(*CALLER_ERRORS),
+    },
 )
-def metrics(request: Request) -> Response:
-    """Prometheus metrics (OpenMetrics when asked for); one route, so an access rule attaches here."""
+def metrics(request: Request, _admin: AdminDep) -> Response:
+    """Prometheus metrics (OpenMetrics when asked for): an admin key, or loopback while no key exists."""
     body, content_type = request.app.state.metrics.render(request.headers.get("accept"))
     return Response(body, media_type=content_type)

@@ -2,10 +2,10 @@
 
 Queue depth and heartbeats read only live jobs (the indexed `status` column: as many rows as are queued or
 running). Phase times, peak VRAM and out-of-memory retries come from the most recent `METRICS_RECENT_JOBS`
-stats rows, aggregated here; picking them is `ORDER BY recorded_at DESC LIMIT n`, which reads n rows with an
-index on `job_stats.recorded_at` and sorts the table without one (bench/metrics_scrape.py). Being windows,
-not running totals, they are gauges: the phase times are a gauge histogram, which `histogram_quantile` reads
-without `rate`.
+stats rows, aggregated here; picking them is `ORDER BY recorded_at DESC LIMIT n`, which reads n rows through
+the index on `job_stats.recorded_at` (migration 0007; without it a scrape sorted the whole table, see
+bench/metrics_scrape.py). Being windows, not running totals, they are gauges: the phase times are a gauge
+histogram, which `histogram_quantile` reads without `rate`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class Stack:
             self.start_embedded_redis()
         migrate.upgrade(self.settings.resolved_database_url())
         if api:
+            self._prepare_metrics_folder()
             self.spawn("api", api_command(self.settings))
         if worker:
             self.spawn("worker", worker_command(self.settings))
@@ -57,6 +59,16 @@ class Stack:
             self.wait_healthy()
         if worker:
             self.wait_worker_ready()
+
+    def _prepare_metrics_folder(self) -> None:
+        # Several API processes share their request metrics through files (prometheus-client's
+        # multiprocess mode); the folder must be empty at each start, or dead processes' counts remain.
+        if self.settings.api_workers < 2 or self.settings.prometheus_multiproc_dir is not None:
+            return
+        folder = self.settings.data_dir.resolve() / "prometheus"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
     def wait_worker_ready(self, timeout: float = 300.0) -> None:
         """Block until Celery reports ready (the model is loaded), or raise with the worker's log."""

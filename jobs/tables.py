@@ -179,7 +179,7 @@ class JobStats(Base):
     device_name: Mapped[str] = mapped_column(String(200))
     torch_version: Mapped[str] = mapped_column(String(50))
     diffusers_version: Mapped[str] = mapped_column(String(50))
-    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     job: Mapped[Job] = relationship(back_populates="stats")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -120,7 +120,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def api_client(settings: Settings) -> Iterator[object]:
     """The real app in-process over ASGI, on a real database and the real Redis (no reconciler thread)."""
-    from fastapi.testclient import TestClient
 
     from api.app import create_app
 
@@ -128,8 +127,8 @@ def api_client(settings: Settings) -> Iterator[object]:
         yield client
 
 
-def local_client(app: object) -> Any:
+def local_client(app: object, **options: Any) -> Any:
     """A TestClient that calls from and to 127.0.0.1, as the keyless local user does."""
     from fastapi.testclient import TestClient
 
-    return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))  # type: ignore[arg-type]
+    return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000), **options)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from jobs.params import GenerationParams
 from jobs.settings import Settings
 from jobs.submit import insert_job
 from jobs.tables import Job, utcnow
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, local_client
 
 pytestmark = pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
 
@@ -186,7 +186,7 @@ def test_recent_window_holds_only_the_newest_jobs(settings: Settings, engine: En
     now = utcnow()
     for age_s, job_id, peak in ((300, ids[0], 9000), (200, ids[1], 1000), (100, ids[2], 2000)):
         finish(engine, job_id, stats(peak, 1.0, recorded_at=now - timedelta(seconds=age_s)))
-    with TestClient(
+    with local_client(
         create_app(settings.model_copy(update={"metrics_recent_jobs": 2}), reconcile=False)
     ) as client:
         samples = scrape(client)
@@ -216,7 +216,7 @@ def test_latency_by_route_template_and_status(api_client: TestClient) -> None:
 def test_pool_use_is_reported(settings: Settings) -> None:
     """The pool's size and the connections checked out now, read from the app's own engine."""
     app = create_app(settings, reconcile=False)
-    with TestClient(app) as client:
+    with local_client(app) as client:
         idle = scrape(client)
         with app.state.session_factory() as held:
             held.execute(select(1))  # a connection is checked out until this block ends
@@ -237,7 +237,7 @@ def unreadable_database_url(settings: Settings) -> str:
 def test_an_unreadable_database_is_reported_not_raised(settings: Settings) -> None:
     """A scrape with the database unreadable answers 200: database_up 0, the process metrics still there."""
     broken = settings.model_copy(update={"database_url": unreadable_database_url(settings)})
-    with TestClient(create_app(broken, reconcile=False)) as client:
+    with local_client(create_app(broken, reconcile=False)) as client:
         samples = scrape(client)
     assert value(samples, "nightrender_metrics_database_up") == 0
     assert value(samples, "nightrender_db_pool_checked_out") == 0
@@ -246,7 +246,7 @@ def test_an_unreadable_database_is_reported_not_raised(settings: Settings) -> No
 
 def test_metrics_can_be_turned_off(settings: Settings) -> None:
     """METRICS_ENABLED=false: /metrics is a 404 and requests still get their id."""
-    with TestClient(
+    with local_client(
         create_app(settings.model_copy(update={"metrics_enabled": False}), reconcile=False)
     ) as client:
         response = client.get("/metrics")

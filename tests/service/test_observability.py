@@ -16,7 +16,7 @@ from api.overload import LoadShedder
 from api.routes.system import migration_heads
 from jobs import migrate
 from jobs.settings import Settings
-from tests.conftest import BACKENDS, REDIS_URL
+from tests.conftest import BACKENDS, REDIS_URL, local_client
 
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 
@@ -36,7 +36,7 @@ def test_request_id_is_echoed_and_logged_as_json(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A sane X-Request-ID comes back and is on the request's JSON access line, with its fields."""
-    with TestClient(
+    with local_client(
         create_app(settings.model_copy(update={"log_level": "debug"}), reconcile=False)
     ) as client:
         capsys.readouterr()
@@ -53,7 +53,7 @@ def test_request_id_is_echoed_and_logged_as_json(
 @pytest.mark.parametrize("incoming", ["x" * 65, "two words", "id\nforged: line", ""])
 def test_an_odd_request_id_is_replaced(settings: Settings, incoming: str) -> None:
     """Too long, spaced, multi-line or empty ids are not trusted: the request gets a fresh uuid4 hex."""
-    with TestClient(create_app(settings, reconcile=False)) as client:
+    with local_client(create_app(settings, reconcile=False)) as client:
         response = client.get("/livez", headers={"X-Request-ID": incoming})
     assert response.headers["X-Request-ID"] != incoming
     assert len(response.headers["X-Request-ID"]) == 32
@@ -66,7 +66,7 @@ def test_log_lines_inside_a_request_carry_its_id(
 ) -> None:
     """A line logged in the route's worker thread (the metrics scrape failing to read SQL) has the id."""
     broken = settings.model_copy(update={"database_url": f"sqlite:///{settings.data_dir.resolve()}/none.db"})
-    with TestClient(create_app(broken, reconcile=False)) as client:
+    with local_client(create_app(broken, reconcile=False)) as client:
         capsys.readouterr()
         client.get("/metrics", headers={"X-Request-ID": "scrape-7"})
     lines = log_lines(capsys.readouterr().err)
@@ -79,7 +79,7 @@ def test_log_lines_inside_a_request_carry_its_id(
 @pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
 def test_long_paths_are_cut_in_logs(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     """A 5,000-character path is logged cut to a bound, never whole."""
-    with TestClient(create_app(settings, reconcile=False)) as client:
+    with local_client(create_app(settings, reconcile=False)) as client:
         capsys.readouterr()
         assert client.get("/" + "a" * 5000).status_code == 404
     [line] = [line for line in log_lines(capsys.readouterr().err) if line["logger"] == "api.access"]
@@ -98,7 +98,7 @@ def test_an_unhandled_error_is_a_500_with_the_id(
         raise RuntimeError("boom")
 
     app.add_api_route("/test-explode", explode)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with local_client(app, raise_server_exceptions=False) as client:
         capsys.readouterr()
         response = client.get("/test-explode", headers={"X-Request-ID": "err-1"})
     assert response.status_code == 500
@@ -111,7 +111,7 @@ def test_an_unhandled_error_is_a_500_with_the_id(
 @pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
 def test_text_log_format(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     """LOG_FORMAT=text: plain lines, with the request id in brackets."""
-    with TestClient(
+    with local_client(
         create_app(settings.model_copy(update={"log_format": "text"}), reconcile=False)
     ) as client:
         capsys.readouterr()
@@ -144,7 +144,7 @@ def unmigrated_settings(empty_database_url: str, tmp_path: Path) -> Settings:
 def test_readyz_503_until_the_schema_is_at_head(unmigrated_settings: Settings) -> None:
     """A database that answers but has no migrations, or old ones: not ready, and it says which revision."""
     url = unmigrated_settings.resolved_database_url()
-    with TestClient(create_app(unmigrated_settings, reconcile=False)) as client:
+    with local_client(create_app(unmigrated_settings, reconcile=False)) as client:
         assert client.get("/livez").status_code == 200
         response = client.get("/readyz")
         assert response.status_code == 503
@@ -163,7 +163,9 @@ def test_readyz_503_until_the_schema_is_at_head(unmigrated_settings: Settings) -
 def test_readyz_503_and_livez_200_when_the_database_is_unreachable(settings: Settings) -> None:
     """Readiness names the database; liveness makes no database call, so it stays 200."""
     url = settings.resolved_database_url().rsplit("/", 1)[0] + "/nr_test_no_such_database"
-    with TestClient(create_app(settings.model_copy(update={"database_url": url}), reconcile=False)) as client:
+    with local_client(
+        create_app(settings.model_copy(update={"database_url": url}), reconcile=False)
+    ) as client:
         assert client.get("/livez").status_code == 200
         response = client.get("/readyz")
     assert response.status_code == 503
@@ -176,7 +178,7 @@ def test_readyz_503_and_livez_200_when_the_database_is_unreachable(settings: Set
 @pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
 def test_readyz_names_a_dead_broker(settings: Settings) -> None:
     """The broker is part of readiness too."""
-    with TestClient(
+    with local_client(
         create_app(settings.model_copy(update={"redis_url": CLOSED_BROKER}), reconcile=False)
     ) as c:
         response = c.get("/readyz")
@@ -188,7 +190,7 @@ def test_readyz_names_a_dead_broker(settings: Settings) -> None:
 def test_probes_are_never_shed(settings: Settings) -> None:
     """With no room for any request, /livez and /readyz are still answered; other routes get a 503."""
     app = create_app(settings, reconcile=False)
-    with TestClient(app) as started:  # runs the app's startup, then the shedder wraps it
+    with local_client(app) as started:  # runs the app's startup, then the shedder wraps it
         full = TestClient(LoadShedder(started.app, max_inflight=0))
         assert full.get("/livez").status_code == 200
         assert full.get("/readyz").status_code == 200
