@@ -61,9 +61,11 @@ def up(model: Model = None) -> None:
 @app.command()
 def api() -> None:
     """Run only the HTTP API (uvicorn), in the foreground."""
-    from cli.stack import api_command
+    from cli.stack import api_command, shared_metrics_env
 
-    command = api_command(_settings())
+    settings = _settings()
+    os.environ.update(shared_metrics_env(settings))
+    command = api_command(settings)
     os.execv(command[0], command)
 
 

@@ -61,14 +61,7 @@ class Stack:
             self.wait_worker_ready()
 
     def _prepare_metrics_folder(self) -> None:
-        # Several API processes share their request metrics through files (prometheus-client's
-        # multiprocess mode); the folder must be empty at each start, or dead processes' counts remain.
-        if self.settings.api_workers < 2 or self.settings.prometheus_multiproc_dir is not None:
-            return
-        folder = self.settings.data_dir.resolve() / "prometheus"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        self.env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+        self.env.update(shared_metrics_env(self.settings))
 
     def wait_worker_ready(self, timeout: float = 300.0) -> None:
         """Block until Celery reports ready (the model is loaded), or raise with the worker's log."""
@@ -125,6 +118,20 @@ class Stack:
                     process.kill()
                     process.wait()
         self.processes.clear()
+
+
+def shared_metrics_env(settings: Settings) -> dict[str, str]:
+    """PROMETHEUS_MULTIPROC_DIR for several API processes, as a fresh empty DATA_DIR/prometheus.
+
+    Several API processes share their request metrics through files (prometheus-client's multiprocess
+    mode); the folder must be empty at each start, or dead processes' counts remain.
+    """
+    if settings.api_workers < 2 or settings.prometheus_multiproc_dir is not None:
+        return {}
+    folder = settings.data_dir.resolve() / "prometheus"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(folder)}
 
 
 def api_command(settings: Settings) -> list[str]:
