@@ -181,3 +181,67 @@ ERROR_MEANINGS = {
 }
 # What any /v1 route may answer, besides its own codes.
 CALLER_ERRORS = (401, 403, 429, 503)
+
+
+class WebhookState(BaseModel):
+    """A batch's webhook: its last delivery, or waiting for the batch to finish."""
+
+    status: str = Field(description="waiting, pending, delivered, failed or refused")
+    sequence: int | None = Field(description="which finish of the batch (retries finish it again)")
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    delivered_at: str | None
+    next_attempt_at: str | None
+
+
+class BatchView(BaseModel):
+    """A batch's status, counts per state, progress in [0, 1], ETA and webhook."""
+
+    id: str
+    status: JobStatus
+    total: int
+    counts: dict[str, int]
+    progress: float
+    eta_seconds: float | None
+    created_at: str
+    webhook: WebhookState | None = None
+
+
+class BatchSummary(BaseModel):
+    """A batch as listed."""
+
+    id: str
+    created_at: str
+    total: int
+    priority: int
+    status: JobStatus
+    counts: dict[str, int]
+
+
+class BatchPage(BaseModel):
+    """One page of the caller's batches, newest first."""
+
+    batches: list[BatchSummary]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class BatchJobRow(BaseModel):
+    """A job as a batch lists it."""
+
+    id: str
+    batch_index: int
+    status: JobStatus
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    error: str | None
+
+
+class BatchJobsPage(BaseModel):
+    """One page of a batch's jobs, in submission order."""
+
+    id: str
+    jobs: list[BatchJobRow]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")

@@ -25,7 +25,16 @@ from api.deps import (
     closes_session,
 )
 from api.errors import invalid, not_found
+from api.openapi import ACTION_BODY
 from api.paging import DEFAULT_PAGE, PageCursor, PageLimit, page_or_422
+from api.schemas import (
+    CALLER_ERRORS,
+    BatchJobsPage,
+    BatchPage,
+    BatchRetried,
+    BatchView,
+    error_responses,
+)
 from api.submission import check_quota, expansion_errors, idempotency_for, parse_body, resolve_model
 from api.uploads import parse_prompt_file
 from jobs.batching import BatchCreate, ExpansionError, expand_batch
@@ -39,7 +48,7 @@ from jobs.tables import Batch, Job
 from jobs.views import batch_view
 from jobs.webhooks import webhook_refusal_off_loop, webhook_status
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=error_responses(*CALLER_ERRORS))
 LIST_FIELDS = {"seeds", "sizes"}
 
 BATCH_BODY_DOC: dict[str, Any] = {
@@ -172,7 +181,7 @@ def load_batch(session: SessionDep, batch_id: str, caller: Caller) -> Batch:
     return batch
 
 
-@router.get("")
+@router.get("", response_model=BatchPage)
 @closes_session
 def list_batches(
     caller: CallerDep, session: SessionDep, limit: PageLimit = DEFAULT_PAGE, cursor: PageCursor = None
@@ -184,15 +193,19 @@ def list_batches(
     return {"batches": page.items, "next_cursor": page.next_cursor}
 
 
-@router.get("/{batch_id}")
+@router.get("/{batch_id}", response_model=BatchView, responses=error_responses(404))
 @closes_session
 def get_batch(batch_id: BatchId, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """Status, counts per state, progress in [0, 1], an ETA from measured times, and the webhook's state."""
-    batch = load_batch(session, batch_id, caller)
+    return batch_summary(session, load_batch(session, batch_id, caller))
+
+
+def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
+    """What `GET /v1/batches/{id}` and a batch cancel answer."""
     return {**batch_view(session, batch), "webhook": webhook_status(session, batch=batch)}
 
 
-@router.get("/{batch_id}/jobs")
+@router.get("/{batch_id}/jobs", response_model=BatchJobsPage, responses=error_responses(404))
 @closes_session
 def list_batch_jobs(
     batch_id: BatchId,
@@ -208,7 +221,8 @@ def list_batch_jobs(
 
 
 ARCHIVE_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/zip": {}}, "description": "the zip, streamed"}
+    200: {"content": {"application/zip": {}}, "description": "the zip, streamed"},
+    **error_responses(404),
 }
 
 
@@ -224,7 +238,13 @@ def get_batch_archive(
     return StreamingResponse(chunks, media_type="application/zip", headers=disposition)
 
 
-@router.post("/{batch_id}/retry", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/{batch_id}/retry",
+    status_code=status.HTTP_201_CREATED,
+    response_model=BatchRetried,
+    responses=error_responses(404, 409, 413, 415),
+    openapi_extra=ACTION_BODY,
+)
 def retry_batch(
     batch_id: BatchId, caller: CallerDep, factory: FactoryDep, publisher: PublisherDep
 ) -> dict[str, Any]:
@@ -241,7 +261,12 @@ def retry_batch(
     return {"id": batch_id, "retried": len(created), "job_ids": created}
 
 
-@router.post("/{batch_id}/cancel")
+@router.post(
+    "/{batch_id}/cancel",
+    response_model=BatchView,
+    responses=error_responses(404, 413, 415),
+    openapi_extra=ACTION_BODY,
+)
 def cancel_batch(batch_id: BatchId, caller: CallerDep, factory: FactoryDep) -> dict[str, Any]:
     """Cancel the batch's queued jobs at once and stop its running job at the next step."""
     with factory() as session, session.begin():
@@ -249,4 +274,4 @@ def cancel_batch(batch_id: BatchId, caller: CallerDep, factory: FactoryDep) -> d
         ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
         request_cancel(session, job_ids=ids)
     with factory() as session:
-        return batch_view(session, load_batch(session, batch_id, caller))
+        return batch_summary(session, load_batch(session, batch_id, caller))

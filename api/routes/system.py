@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session
 
 from api.auth import AdminDep, CallerDep
 from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
+from api.openapi import ACTION_BODY
+from api.schemas import CALLER_ERRORS, Health, Paused, QueueState, Resumed, StatsTable, error_responses
 from jobs.controls import is_paused, set_paused
 from jobs.migrate import alembic_config
 from jobs.reconcile import reconcile_once
@@ -23,14 +25,14 @@ from jobs.views import stats_by_resolution
 router = APIRouter(tags=["system"])
 
 
-@router.get("/v1/stats")
+@router.get("/v1/stats", response_model=StatsTable, responses=error_responses(*CALLER_ERRORS))
 @closes_session
 def get_stats(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """Peak memory and seconds per image by resolution and offload mode, from recorded jobs."""
     return {"rows": stats_by_resolution(session)}
 
 
-@router.get("/v1/queue")
+@router.get("/v1/queue", response_model=QueueState, responses=error_responses(*CALLER_ERRORS))
 @closes_session
 def get_queue(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """Whether the queue is paused, and how many jobs are queued and running."""
@@ -46,7 +48,12 @@ def get_queue(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/queue/pause")
+@router.post(
+    "/v1/queue/pause",
+    response_model=Paused,
+    responses=error_responses(*CALLER_ERRORS, 413, 415),
+    openapi_extra=ACTION_BODY,
+)
 def pause_queue(_admin: AdminDep, factory: FactoryDep) -> dict[str, Any]:
     """Workers finish their current job and take no more until resumed."""
     with factory() as session, session.begin():
@@ -54,7 +61,12 @@ def pause_queue(_admin: AdminDep, factory: FactoryDep) -> dict[str, Any]:
     return {"paused": True}
 
 
-@router.post("/v1/queue/resume")
+@router.post(
+    "/v1/queue/resume",
+    response_model=Resumed,
+    responses=error_responses(*CALLER_ERRORS, 413, 415),
+    openapi_extra=ACTION_BODY,
+)
 def resume_queue(
     _admin: AdminDep, factory: FactoryDep, publisher: PublisherDep, settings: SettingsDep
 ) -> dict[str, Any]:
@@ -65,7 +77,13 @@ def resume_queue(
     return {"paused": False, "republished": report.republished}
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    responses={
+        200: {"model": Health, "description": "both answer"},
+        503: {"model": Health, "description": "one does not answer"},
+    },
+)
 @closes_session
 def healthz(session: SessionDep, publisher: PublisherDep) -> JSONResponse:
     """200 when both the database and the broker answer, else 503 naming the one that did not."""
