@@ -17,8 +17,10 @@ from api.errors import add_bounded_validation_errors
 from api.limits import BodyLimit, RateLimiter, StateChangeGuard
 from api.metrics import release_process_metrics
 from api.observability import add_observability
+from api.openapi import publish_models
 from api.overload import add_load_shedding
 from api.routes import batches, jobs, system
+from jobs.batching import BatchCreate
 from jobs.db import make_engine, make_session_factory
 from jobs.leader import Leadership
 from jobs.queue import Publisher
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     for module in (jobs, batches, system):
         app.include_router(module.router)
     add_client_limits(app, settings)
+    publish_models(app, BatchCreate)
     add_bounded_validation_errors(app)
     add_load_shedding(app, settings.api_max_inflight)
     add_observability(app, settings, engine)  # last added = outermost: every request is seen

@@ -6,7 +6,7 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Body, Depends, Header, Path, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.queue import Publisher
@@ -82,3 +82,10 @@ async def idempotency_key(
 
 
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
+
+
+# Actions (cancel, retry, pause, resume) take no input, but are sent as JSON like every state change: a
+# browser cannot send JSON to another site without a preflight. The object's content is ignored.
+ActionBody = Annotated[
+    dict[str, Any], Body(description="an empty JSON object (its content is ignored)", examples=[{}])
+]

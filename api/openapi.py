@@ -8,14 +8,6 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 REF_TEMPLATE = "#/components/schemas/{model}"
-# Actions (cancel, retry, pause, resume) take no input, but must be sent as JSON like every state change.
-ACTION_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "an empty JSON object: requests that change state must be JSON",
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    }
-}
 
 
 def schema_ref(model: type[BaseModel]) -> dict[str, str]:

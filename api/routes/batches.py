@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from api.archive import stream_archive
 from api.auth import Caller, CallerDep
 from api.deps import (
+    ActionBody,
     BatchId,
     FactoryDep,
     IdempotencyKeyDep,
@@ -25,7 +26,7 @@ from api.deps import (
     closes_session,
 )
 from api.errors import invalid, not_found
-from api.openapi import ACTION_BODY
+from api.openapi import schema_ref
 from api.paging import DEFAULT_PAGE, PageCursor, PageLimit, page_or_422
 from api.schemas import (
     CALLER_ERRORS,
@@ -55,7 +56,7 @@ BATCH_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": BatchCreate.model_json_schema()},
+            "application/json": {"schema": schema_ref(BatchCreate)},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -243,10 +244,9 @@ def get_batch_archive(
     status_code=status.HTTP_201_CREATED,
     response_model=BatchRetried,
     responses=error_responses(404, 409, 413, 415),
-    openapi_extra=ACTION_BODY,
 )
 def retry_batch(
-    batch_id: BatchId, caller: CallerDep, factory: FactoryDep, publisher: PublisherDep
+    batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep
 ) -> dict[str, Any]:
     """Queue a fresh copy of every failed or cancelled job of the batch (each linked to its original)."""
     try:
@@ -265,9 +265,10 @@ def retry_batch(
     "/{batch_id}/cancel",
     response_model=BatchView,
     responses=error_responses(404, 413, 415),
-    openapi_extra=ACTION_BODY,
 )
-def cancel_batch(batch_id: BatchId, caller: CallerDep, factory: FactoryDep) -> dict[str, Any]:
+def cancel_batch(
+    batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep
+) -> dict[str, Any]:
     """Cancel the batch's queued jobs at once and stop its running job at the next step."""
     with factory() as session, session.begin():
         load_batch(session, batch_id, caller)

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import Caller, CallerDep
 from api.deps import (
+    ActionBody,
     FactoryDep,
     IdempotencyKeyDep,
     JobId,
@@ -20,7 +21,6 @@ from api.deps import (
     closes_session,
 )
 from api.errors import not_found
-from api.openapi import ACTION_BODY
 from api.schemas import CALLER_ERRORS, JobCreated, JobRetried, JobView, error_responses
 from api.submission import check_quota, expansion_errors, idempotency_for, resolve_model
 from jobs.batching import ExpansionError, JobCreate, job_params
@@ -113,10 +113,9 @@ def get_job_image(
     status_code=status.HTTP_201_CREATED,
     response_model=JobRetried,
     responses=error_responses(404, 409, 413, 415),
-    openapi_extra=ACTION_BODY,
 )
 def retry_job(
-    job_id: JobId, caller: CallerDep, factory: FactoryDep, publisher: PublisherDep
+    job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep
 ) -> dict[str, Any]:
     """Queue a fresh copy of a failed or cancelled job, linked to it by `retry_of`."""
     try:
@@ -145,9 +144,8 @@ def _retry_one(factory: FactoryDep, job_id: str, caller: Caller) -> tuple[list[s
     "/{job_id}/cancel",
     response_model=JobView,
     responses=error_responses(404, 413, 415),
-    openapi_extra=ACTION_BODY,
 )
-def cancel_job(job_id: JobId, caller: CallerDep, factory: FactoryDep) -> dict[str, Any]:
+def cancel_job(job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""
     with factory() as session, session.begin():
         load_job(session, job_id, caller)

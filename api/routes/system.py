@@ -13,8 +13,7 @@ from sqlalchemy import func, inspect, select, text
 from sqlalchemy.orm import Session
 
 from api.auth import AdminDep, CallerDep
-from api.deps import FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
-from api.openapi import ACTION_BODY
+from api.deps import ActionBody, FactoryDep, PublisherDep, SessionDep, SettingsDep, closes_session
 from api.schemas import CALLER_ERRORS, Health, Paused, QueueState, Resumed, StatsTable, error_responses
 from jobs.controls import is_paused, set_paused
 from jobs.migrate import alembic_config
@@ -52,9 +51,8 @@ def get_queue(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     "/v1/queue/pause",
     response_model=Paused,
     responses=error_responses(*CALLER_ERRORS, 413, 415),
-    openapi_extra=ACTION_BODY,
 )
-def pause_queue(_admin: AdminDep, factory: FactoryDep) -> dict[str, Any]:
+def pause_queue(_admin: AdminDep, _body: ActionBody, factory: FactoryDep) -> dict[str, Any]:
     """Workers finish their current job and take no more until resumed."""
     with factory() as session, session.begin():
         set_paused(session, True)
@@ -65,10 +63,9 @@ def pause_queue(_admin: AdminDep, factory: FactoryDep) -> dict[str, Any]:
     "/v1/queue/resume",
     response_model=Resumed,
     responses=error_responses(*CALLER_ERRORS, 413, 415),
-    openapi_extra=ACTION_BODY,
 )
 def resume_queue(
-    _admin: AdminDep, factory: FactoryDep, publisher: PublisherDep, settings: SettingsDep
+    _admin: AdminDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep, settings: SettingsDep
 ) -> dict[str, Any]:
     """Take jobs again; the jobs handed back while paused are published at once."""
     with factory() as session, session.begin():
