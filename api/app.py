@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,6 +54,9 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         # Full collections then skip everything loaded at start-up: a 10,000-job batch used to set off
         # a 70 ms one that held the GIL, and /healthz waited it out.
         gc.freeze()
+        # A thread busy with a big batch holds the GIL for 5 ms slices by default, and each request
+        # needs it several times: 1 ms slices keep the event loop answering meanwhile.
+        sys.setswitchinterval(0.001)
         yield
         stop.set()
         await app.state.rate_limiter.close()

@@ -169,6 +169,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 ERROR_MEANINGS = {
+    400: "the body could not be read (not UTF-8 or not JSON)",
     401: "no key, or an unknown or revoked key (keys are configured)",
     403: "not allowed: a foreign Origin, a non-loopback client with no keys configured, or not an admin",
     404: "no such id for this key",

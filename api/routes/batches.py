@@ -30,6 +30,7 @@ from api.openapi import schema_ref
 from api.paging import DEFAULT_PAGE, PageCursor, PageLimit, page_or_422
 from api.schemas import (
     CALLER_ERRORS,
+    BatchCreated,
     BatchJobsPage,
     BatchPage,
     BatchRetried,
@@ -78,7 +79,13 @@ BATCH_BODY_DOC: dict[str, Any] = {
 }
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=BATCH_BODY_DOC)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=BatchCreated,
+    responses=error_responses(400, 409, 413, 415),
+    openapi_extra=BATCH_BODY_DOC,
+)
 async def create_batch(
     request: Request,
     caller: CallerDep,
@@ -243,7 +250,7 @@ def get_batch_archive(
     "/{batch_id}/retry",
     status_code=status.HTTP_201_CREATED,
     response_model=BatchRetried,
-    responses=error_responses(404, 409, 413, 415),
+    responses=error_responses(404, 409, 400, 413, 415),
 )
 def retry_batch(
     batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep
@@ -264,7 +271,7 @@ def retry_batch(
 @router.post(
     "/{batch_id}/cancel",
     response_model=BatchView,
-    responses=error_responses(404, 413, 415),
+    responses=error_responses(404, 400, 413, 415),
 )
 def cancel_batch(
     batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep

@@ -38,7 +38,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobCreated,
-    responses=error_responses(409, 413, 415),
+    responses=error_responses(409, 400, 413, 415),
 )
 def create_job(
     body: JobCreate,
@@ -112,7 +112,7 @@ def get_job_image(
     "/{job_id}/retry",
     status_code=status.HTTP_201_CREATED,
     response_model=JobRetried,
-    responses=error_responses(404, 409, 413, 415),
+    responses=error_responses(404, 409, 400, 413, 415),
 )
 def retry_job(
     job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep
@@ -143,7 +143,7 @@ def _retry_one(factory: FactoryDep, job_id: str, caller: Caller) -> tuple[list[s
 @router.post(
     "/{job_id}/cancel",
     response_model=JobView,
-    responses=error_responses(404, 413, 415),
+    responses=error_responses(404, 400, 413, 415),
 )
 def cancel_job(job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""

@@ -50,7 +50,7 @@ def get_queue(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
 @router.post(
     "/v1/queue/pause",
     response_model=Paused,
-    responses=error_responses(*CALLER_ERRORS, 413, 415),
+    responses=error_responses(*CALLER_ERRORS, 400, 413, 415),
 )
 def pause_queue(_admin: AdminDep, _body: ActionBody, factory: FactoryDep) -> dict[str, Any]:
     """Workers finish their current job and take no more until resumed."""
@@ -62,7 +62,7 @@ def pause_queue(_admin: AdminDep, _body: ActionBody, factory: FactoryDep) -> dic
 @router.post(
     "/v1/queue/resume",
     response_model=Resumed,
-    responses=error_responses(*CALLER_ERRORS, 413, 415),
+    responses=error_responses(*CALLER_ERRORS, 400, 413, 415),
 )
 def resume_queue(
     _admin: AdminDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep, settings: SettingsDep
