@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.auth import KeyRing, is_loopback
-from api.errors import add_bounded_validation_errors
+from api.errors import CompleteAllowHeader, add_bounded_validation_errors
 from api.limits import BodyLimit, RateLimiter, StateChangeGuard
 from api.metrics import release_process_metrics
 from api.observability import add_observability
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     add_client_limits(app, settings)
     publish_models(app, BatchCreate)
     add_bounded_validation_errors(app)
+    app.add_middleware(CompleteAllowHeader, routes=app.router.routes)
     add_load_shedding(app, settings.api_max_inflight)
     add_observability(app, settings, engine)  # last added = outermost: every request is seen
     return app

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Error messages quote what was sent, but never more than this: a 10 MB prompt is not echoed back.
 QUOTE_LIMIT = 100
@@ -48,3 +51,36 @@ def add_bounded_validation_errors(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": jsonable_encoder(bounded_errors(list(error.errors())))}, status_code=422
         )
+
+
+class CompleteAllowHeader:
+    """ASGI middleware: a 405's `Allow` lists every method the path has, not only the first route's.
+
+    Starlette answers 405 from the first route whose path matches, so `GET` and `POST /v1/batches` (two
+    routes) would each hide the other's method.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, rewriting `Allow` on a 405."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_allow(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                message = {**message, "headers": [*headers, (b"allow", self._allowed(scope).encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_allow)
+
+    def _allowed(self, scope: Scope) -> str:
+        methods: set[str] = set()
+        for route in self.routes:
+            if isinstance(route, Route) and route.matches(scope)[0] != Match.NONE:
+                methods |= route.methods or set()
+        return ", ".join(sorted(methods))

@@ -10,6 +10,9 @@ from typing import Any
 from api.errors import invalid
 
 NUMERIC = {"seed": int, "width": int, "height": int, "steps": int, "guidance_scale": float}
+# Form fields of a multipart batch: text by nature, typed here so the batch is validated as strictly as JSON.
+FORM_NUMERIC = {**NUMERIC, "priority": int}
+FORM_LISTS = {"seeds": int, "sizes": str}
 
 
 def parse_prompt_file(filename: str, content: bytes) -> list[str | dict[str, Any]]:
@@ -73,3 +76,19 @@ def _parse_jsonl(text: str) -> list[str | dict[str, Any]]:
             raise invalid(["body", "file", f"line {line_number}"], "each line must be a string or an object")
         items.append(item)
     return items
+
+
+def typed_form_field(name: str, value: str) -> Any:
+    """A multipart form field as the JSON body would carry it: numbers as numbers, lists split on commas."""
+    if name in FORM_LISTS:
+        return [_typed(name, part.strip(), FORM_LISTS[name]) for part in value.split(",")]
+    if name in FORM_NUMERIC:
+        return _typed(name, value.strip(), FORM_NUMERIC[name])
+    return value
+
+
+def _typed(name: str, value: str, kind: type) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise invalid(["body", name], f"{name} must be a number, got {value[:100]!r}") from None

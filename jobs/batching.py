@@ -80,7 +80,8 @@ def is_ascii_number(text: str) -> bool:
 class JobCreate(BaseModel):
     """`POST /v1/jobs`: one prompt."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON `true` is not a priority of 1, nor "8" a step count (forms are typed before this).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: PromptText
     negative_prompt: NegativeText | None = None
@@ -97,7 +98,7 @@ class JobCreate(BaseModel):
 class BatchCreate(BaseModel):
     """`POST /v1/batches`: prompts x seeds x sizes, with shared defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompts: list[PromptText | PromptItem] = Field(min_length=1)
     negative_prompt: NegativeText | None = None

@@ -38,7 +38,7 @@ from api.schemas import (
     error_responses,
 )
 from api.submission import check_quota, expansion_errors, idempotency_for, parse_body, resolve_model
-from api.uploads import parse_prompt_file
+from api.uploads import parse_prompt_file, typed_form_field
 from jobs.batching import BatchCreate, ExpansionError, expand_batch
 from jobs.lifecycle import request_cancel, retry_jobs
 from jobs.pages import batch_jobs_page, batches_page
@@ -51,7 +51,6 @@ from jobs.views import batch_view
 from jobs.webhooks import webhook_refusal_off_loop, webhook_status
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=error_responses(*CALLER_ERRORS))
-LIST_FIELDS = {"seeds", "sizes"}
 
 BATCH_BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -177,7 +176,7 @@ async def _form_payload(request: Request) -> dict[str, Any]:
     for name, value in form.multi_items():
         if name in ("file", "prompts") or not isinstance(value, str) or value == "":
             continue
-        payload[name] = [part.strip() for part in value.split(",")] if name in LIST_FIELDS else value
+        payload[name] = typed_form_field(name, value)
     return payload
 
 
