@@ -376,7 +376,14 @@ def submission_rows(backend: str, args: argparse.Namespace, figures: dict[str, A
     polls: list[Sample] = figures["healthz"]
     failures = Counter(s.failure or (None if s.status == 200 else f"status_{s.status}") for s in polls)
     failures.pop(None, None)
-    common = {"backend": backend, "machine": f"{os.cpu_count()}-core CPU", "prompts": args.submit_prompts}
+    common = {
+        "backend": backend,
+        "machine": f"{os.cpu_count()}-core CPU",
+        "prompts": args.submit_prompts,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # at the end, this run included: the machine is shared
+    }
     submit = {
         "name": f"submit_{suffix}",
         **common,
@@ -459,25 +466,28 @@ def git_commit() -> str | None:
 
 
 def run_meta(args: argparse.Namespace) -> dict[str, Any]:
-    """What the rows were measured with."""
-    return {
+    """What the rows were measured with (a submission run leaves the polling runs' settings alone)."""
+    common = {
         "benchmark": "api-load",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": f"{os.cpu_count()}-core CPU",
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
+        "model": MODEL,
+    }
+    if args.submit_prompts:
+        submission = {"repeats": args.repeats, "healthz_every_ms": args.healthz_every_ms}
+        return {**common, "submit_prompts": args.submit_prompts, **submission}
+    return {
+        **common,
         "rate": args.rate,
         "seconds": args.seconds,
         "timeout_s": args.timeout,
         "prompts": args.prompts,
         "steps": args.steps,
         "size": args.size,
-        "model": MODEL,
         "latency": "from send to response, every request; failed ones at the time they took to fail",
-        "submit_prompts": args.submit_prompts,
-        "repeats": args.repeats,
-        "healthz_every_ms": args.healthz_every_ms,
     }
 
 

@@ -37,7 +37,7 @@ PARAMS_LIST = TypeAdapter(list[GenerationParams])
 class PromptItem(BaseModel):
     """One prompt with optional per-prompt overrides (a CSV row or a JSONL line)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: PromptText
     negative_prompt: NegativeText | None = None
@@ -51,7 +51,7 @@ class PromptItem(BaseModel):
 class Size(BaseModel):
     """An image size in pixels."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     width: int
     height: int

@@ -300,7 +300,7 @@ def publish_stamped(
     """Publish jobs committed with their publish stamp already set; a broker error clears the stamp.
 
     Stamping with the insert, not after the publish: marking 10,000 rows afterwards cost as much as
-    inserting them on PostgreSQL, and a reconciler pass between the commit and that mark published
+    inserting them on PostgreSQL, and a reconciler pass between the commit and that mark could publish
     the whole batch a second time. If the process dies between the commit and the publish, the
     reconciler finds the messages missing after REPUBLISH_AFTER_S and publishes them then.
     """
