@@ -31,7 +31,7 @@ MAX_PRIORITY = 9
 UNACKED_KEY = "unacked"  # kombu's Redis hash of delivered, not yet acknowledged messages
 # Messages per Redis pipeline round trip: 10,000 jobs go out in 10 round trips, not 10,000.
 PIPELINE_MESSAGES = 1000
-YIELD_EVERY = 128  # messages (about a millisecond of work) between handing over the GIL
+YIELD_EVERY = 32  # messages (about a millisecond of work) between handing over the GIL
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

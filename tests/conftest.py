@@ -12,6 +12,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
+from cli.stack import Stack
 from jobs import migrate
 from jobs.queue import Publisher
 from jobs.settings import Settings
@@ -132,3 +133,14 @@ def local_client(app: object, **options: Any) -> Any:
     from fastapi.testclient import TestClient
 
     return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000), **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def api_only(settings: Settings) -> Iterator[Stack]:
+    """The API alone as a real uvicorn process (no worker), stopped even when the test fails."""
+    running = Stack(settings)
+    try:
+        running.start(worker=False)
+        yield running
+    finally:
+        running.stop()

@@ -22,17 +22,6 @@ WORKERS = 2
 MAX_REQUESTS = 400
 
 
-@pytest.fixture
-def api_only(settings: Settings) -> Iterator[Stack]:
-    """The API alone, as `nightrender up` runs it."""
-    running = Stack(settings)
-    try:
-        running.start(worker=False)
-        yield running
-    finally:
-        running.stop()
-
-
 def test_every_log_line_is_json_and_one_access_line_per_request(api_only: Stack, settings: Settings) -> None:
     """uvicorn's own lines are JSON too, and its access log does not double ours."""
     response = httpx.get(settings.resolved_api_url() + "/no-such-page", headers={"X-Request-ID": "e2e-log-1"})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,6 @@ from tests.conftest import BACKENDS
 pytestmark = pytest.mark.e2e
 MAX_EXAMPLES = 25
 SEED = 20261127
-
-
-@pytest.fixture
-def api_only(settings: Settings) -> Iterator[Stack]:
-    """The API alone as a real uvicorn process."""
-    running = Stack(settings)
-    try:
-        running.start(worker=False)
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)

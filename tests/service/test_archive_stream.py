@@ -191,17 +191,6 @@ def test_the_archive_runs_no_query_per_job(factory: sessionmaker[Session], setti
     assert counted_large <= counted_small
 
 
-@pytest.fixture
-def api_only(settings: Settings) -> Iterator[Stack]:
-    """The API alone as a real uvicorn process."""
-    running = Stack(settings)
-    try:
-        running.start(worker=False)
-        yield running
-    finally:
-        running.stop()
-
-
 @pytest.mark.e2e
 def test_cli_download_unpacks_the_streamed_archive(
     api_only: Stack, factory: sessionmaker[Session], settings: Settings, tmp_path: Path
