@@ -51,7 +51,7 @@ class Polling:
 
 
 @pytest.fixture
-def api_only(settings: Settings) -> Iterator[Stack]:
+def one_api_process(settings: Settings) -> Iterator[Stack]:
     """The API alone as one real uvicorn process (a second process would answer for a stalled one)."""
     running = Stack(settings.model_copy(update={"api_workers": 1}))
     try:
@@ -121,7 +121,7 @@ def unpublished_jobs(database_url: str, batch_id: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
-def test_healthz_answers_while_a_big_batch_is_submitted(api_only: Stack, settings: Settings) -> None:
+def test_healthz_answers_while_a_big_batch_is_submitted(one_api_process: Stack, settings: Settings) -> None:
     prompts = [f"a big batch, prompt {i}: a lighthouse at dusk" for i in range(PROMPTS)]
     body = json.dumps({"prompts": prompts, "sizes": ["64x64"], "steps": 2}).encode()
 

@@ -21,7 +21,9 @@ def expansion_error(request: BatchCreate) -> ExpansionError:
 
 
 def test_jobs_come_prompt_major_then_seed_then_size() -> None:
-    request = BatchCreate(prompts=["a", "b"], seeds=[1, 2], sizes=["64x64", "128x64"], steps=2)
+    request = BatchCreate.model_validate(
+        {"prompts": ["a", "b"], "seeds": [1, 2], "sizes": ["64x64", "128x64"], "steps": 2}
+    )
     expanded = expand_batch(request, MODEL)
     assert [(p.prompt, p.seed, p.width) for p in expanded] == [
         (prompt, seed, width) for prompt in "ab" for seed in (1, 2) for width in (64, 128)
@@ -31,8 +33,12 @@ def test_jobs_come_prompt_major_then_seed_then_size() -> None:
 
 def test_an_error_is_located_at_its_prompt_when_each_prompt_makes_several_jobs() -> None:
     # 2 seeds x 2 sizes: the third prompt's jobs are items 8 to 11 of the expanded list.
-    request = BatchCreate(
-        prompts=["a", "b", PromptItem(prompt="c", steps=0), "d"], seeds=[1, 2], sizes=["64x64", "128x64"]
+    request = BatchCreate.model_validate(
+        {
+            "prompts": ["a", "b", {"prompt": "c", "steps": 0}, "d"],
+            "seeds": [1, 2],
+            "sizes": ["64x64", "128x64"],
+        }
     )
     error = expansion_error(request)
     assert [e["loc"] for e in error.errors] == [["body", "prompts", 2, "steps"]]
