@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Body, Depends, Header, Path, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.status_cache import StatusCache
 from jobs.queue import Publisher
 from jobs.settings import Settings
 
@@ -63,6 +64,12 @@ async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
+async def get_status_cache(request: Request) -> StatusCache:
+    """The app's cache of recent status answers."""
+    return request.app.state.status_cache  # type: ignore[no-any-return]
+
+
+StatusCacheDep = Annotated[StatusCache, Depends(get_status_cache)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 FactoryDep = Annotated[sessionmaker[Session], Depends(get_factory)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]

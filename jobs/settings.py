@@ -89,6 +89,9 @@ class Settings(BaseSettings):
         None, description="Where the CLI finds the API; unset = http://API_HOST:API_PORT"
     )
     api_key: str | None = Field(None, description="the key the CLI sends (Authorization: Bearer)")
+    api_status_cache_s: float = Field(
+        1.0, ge=0, description="seconds a job's or batch's status answer may be reused (0 = never)"
+    )
     api_workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes serving the API")
     api_key_cache_s: float = Field(
         5.0, gt=0, description="seconds the API keeps its list of keys; a revoked key works at most this long"

@@ -23,6 +23,7 @@ from api.deps import (
     PublisherDep,
     SessionDep,
     SettingsDep,
+    StatusCacheDep,
     closes_session,
 )
 from api.errors import invalid, not_found
@@ -92,6 +93,7 @@ async def create_batch(
     publisher: PublisherDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyDep,
+    cache: StatusCacheDep,
 ) -> dict[str, Any]:
     """Queue prompts x seeds x sizes in one transaction; returns the batch id and every job id.
 
@@ -111,6 +113,7 @@ async def create_batch(
         settings=settings,
         idempotency_key=idempotency_key,
     )
+    cache.clear()  # queue positions moved
     return {"id": submission.batch_id, "job_ids": submission.job_ids}
 
 
@@ -202,9 +205,24 @@ def list_batches(
 
 @router.get("/{batch_id}", response_model=BatchView, responses=error_responses(404))
 @closes_session
-def get_batch(batch_id: BatchId, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    """Status, counts per state, progress in [0, 1], an ETA from measured times, and the webhook's state."""
-    return batch_summary(session, load_batch(session, batch_id, caller))
+def get_batch(
+    batch_id: BatchId, caller: CallerDep, session: SessionDep, cache: StatusCacheDep
+) -> dict[str, Any]:
+    """Status, counts per state, progress in [0, 1], an ETA from measured times, and the webhook's state.
+
+    At most API_STATUS_CACHE_S old: a crowd of pollers costs one summary a second.
+    """
+
+    def owned_summary() -> tuple[str, dict[str, Any]]:
+        batch = session.get(Batch, batch_id)
+        if batch is None:
+            raise not_found("batch", batch_id)
+        return batch.owner, batch_summary(session, batch)
+
+    view = cache.view_or("batch", batch_id, caller.owner, owned_summary)
+    if view is None:
+        raise not_found("batch", batch_id)
+    return view
 
 
 def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
@@ -252,9 +270,15 @@ def get_batch_archive(
     responses=error_responses(404, 409, 400, 413, 415),
 )
 def retry_batch(
-    batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep
+    batch_id: BatchId,
+    caller: CallerDep,
+    _body: ActionBody,
+    factory: FactoryDep,
+    publisher: PublisherDep,
+    cache: StatusCacheDep,
 ) -> dict[str, Any]:
     """Queue a fresh copy of every failed or cancelled job of the batch (each linked to its original)."""
+    cache.clear()
     try:
         with factory() as session, session.begin():
             batch = load_batch(session, batch_id, caller)
@@ -273,9 +297,10 @@ def retry_batch(
     responses=error_responses(404, 400, 413, 415),
 )
 def cancel_batch(
-    batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep
+    batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, cache: StatusCacheDep
 ) -> dict[str, Any]:
     """Cancel the batch's queued jobs at once and stop its running job at the next step."""
+    cache.clear()
     with factory() as session, session.begin():
         load_batch(session, batch_id, caller)
         ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))

@@ -18,6 +18,7 @@ from api.deps import (
     PublisherDep,
     SessionDep,
     SettingsDep,
+    StatusCacheDep,
     closes_session,
 )
 from api.errors import not_found
@@ -47,6 +48,7 @@ def create_job(
     publisher: PublisherDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyDep,
+    cache: StatusCacheDep,
 ) -> dict[str, Any]:
     """Queue one prompt; returns its id."""
     model = resolve_model(body.model, settings)
@@ -67,6 +69,7 @@ def create_job(
         )
     except IdempotencyConflict as error:
         raise HTTPException(status_code=409, detail=str(error)) from None
+    cache.clear()  # queue positions moved
     return {"id": submission.job_ids[0], "status": JobStatus.QUEUED.value, "seed": submission.seed}
 
 
@@ -80,9 +83,19 @@ def load_job(session: SessionDep, job_id: str, caller: Caller) -> Job:
 
 @router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
 @closes_session
-def get_job(job_id: JobId, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    """A job's status, progress, queue position, error and memory stats."""
-    return job_view(session, load_job(session, job_id, caller))
+def get_job(job_id: JobId, caller: CallerDep, session: SessionDep, cache: StatusCacheDep) -> dict[str, Any]:
+    """A job's status, progress, queue position, error and memory stats (at most API_STATUS_CACHE_S old)."""
+
+    def owned_view() -> tuple[str, dict[str, Any]]:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise not_found("job", job_id)
+        return job.owner, job_view(session, job)
+
+    view = cache.view_or("job", job_id, caller.owner, owned_view)
+    if view is None:
+        raise not_found("job", job_id)
+    return view
 
 
 @router.get(
@@ -115,9 +128,15 @@ def get_job_image(
     responses=error_responses(404, 409, 400, 413, 415),
 )
 def retry_job(
-    job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, publisher: PublisherDep
+    job_id: JobId,
+    caller: CallerDep,
+    _body: ActionBody,
+    factory: FactoryDep,
+    publisher: PublisherDep,
+    cache: StatusCacheDep,
 ) -> dict[str, Any]:
     """Queue a fresh copy of a failed or cancelled job, linked to it by `retry_of`."""
+    cache.clear()
     try:
         created, priority = _retry_one(factory, job_id, caller)
     except IntegrityError:
@@ -145,8 +164,11 @@ def _retry_one(factory: FactoryDep, job_id: str, caller: Caller) -> tuple[list[s
     response_model=JobView,
     responses=error_responses(404, 400, 413, 415),
 )
-def cancel_job(job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep) -> dict[str, Any]:
+def cancel_job(
+    job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, cache: StatusCacheDep
+) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""
+    cache.clear()
     with factory() as session, session.begin():
         load_job(session, job_id, caller)
         request_cancel(session, job_ids=[job_id])

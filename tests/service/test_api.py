@@ -28,6 +28,7 @@ pytestmark = pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=Tr
 MODEL = "synthetic:tiny"
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 SMALL = {"width": 64, "height": 64, "steps": 2, "model": MODEL}
+ZERO_COUNTS = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
 
 
 @pytest.fixture
@@ -594,3 +595,27 @@ def test_stats_aggregate_finished_jobs(api_client: TestClient, engine: Engine) -
     assert row["peak_reserved_bytes_mean"] == 400
     assert row["denoise_seconds_mean"] == pytest.approx(2.0)
     assert row["seconds_per_image_mean"] == pytest.approx(3.0)
+
+
+def test_status_answers_are_reused_for_a_second_and_dropped_on_change(
+    settings: Settings, engine: Engine
+) -> None:
+    """Pollers share one answer per item per API_STATUS_CACHE_S; this process's own changes show at once."""
+    with local_client(
+        create_app(settings.model_copy(update={"api_status_cache_s": 60.0}), reconcile=False)
+    ) as api:
+        created = api.post("/v1/batches", json={"prompts": ["a", "b"], **SMALL}).json()
+        batch_id, job_id = created["id"], created["job_ids"][0]
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        assert api.get(f"/v1/batches/{batch_id}").json()["counts"]["running"] == 0
+        with transaction(make_session_factory(engine)) as session:  # the worker claims it
+            assert claim_job(session, job_id=job_id) is not None
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # the reused answer
+        assert api.get(f"/v1/batches/{batch_id}").json()["counts"]["running"] == 0
+        api.post(f"/v1/jobs/{created['job_ids'][1]}/cancel", json={})  # a change through this process
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        assert api.get(f"/v1/batches/{batch_id}").json()["counts"] == {
+            **ZERO_COUNTS,
+            "running": 1,
+            "cancelled": 1,
+        }

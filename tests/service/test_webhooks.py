@@ -37,9 +37,13 @@ STATS = {"offload_mode": "none", "device_name": "test", "torch_version": "2.x", 
 
 @pytest.fixture
 def hook_settings(settings: Settings) -> Settings:
-    """The test's settings with webhooks on, loopback receivers allowed and no wait between attempts."""
+    """The test's settings with webhooks on, loopback receivers allowed and no wait between attempts.
+
+    Status answers are not reused: these tests change jobs straight in SQL between two reads.
+    """
     return settings.model_copy(
         update={
+            "api_status_cache_s": 0.0,
             "webhook_secret": SECRET,
             "webhook_allow_private": True,
             "webhook_backoff_s": 0.0,
