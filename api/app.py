@@ -22,7 +22,7 @@ from api.overload import add_load_shedding
 from api.routes import batches, jobs, system
 from api.status_cache import StatusCache
 from jobs.batching import BatchCreate
-from jobs.db import make_engine, make_session_factory
+from jobs.db import make_database, make_session_factory
 from jobs.leader import Leadership
 from jobs.queue import Publisher
 from jobs.reconcile import reconcile_once
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     """An app wired to the configured database and broker."""
     settings = settings or get_settings()
     # Every thread that serves a blocking route can hold a connection; the reconciler holds one more.
-    engine = make_engine(
+    database = make_database(
         settings.resolved_database_url(),
         pool_size=settings.api_threads + 2,
         pool_timeout_s=settings.db_pool_timeout_s,
@@ -59,12 +59,12 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         yield
         stop.set()
         await app.state.rate_limiter.close()
-        engine.dispose()
+        database.dispose()
         release_process_metrics()
 
     app = FastAPI(title="nightrender", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.session_factory = make_session_factory(engine)
+    app.state.session_factory = make_session_factory(database)
     app.state.publisher = Publisher(settings)
     app.state.status_cache = StatusCache(settings.api_status_cache_s)
     app.state.key_ring = KeyRing(app.state.session_factory, settings.api_key_cache_s)
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     add_bounded_validation_errors(app)
     app.add_middleware(CompleteAllowHeader, routes=app.router.routes)
     add_load_shedding(app, settings.api_max_inflight)
-    add_observability(app, settings, engine)  # last added = outermost: every request is seen
+    add_observability(app, settings, database)  # last added = outermost: every request is seen
     return app
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -11,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobs.actions import NotFound, Refused
 
 # Error messages quote what was sent, but never more than this: a 10 MB prompt is not echoed back.
 QUOTE_LIMIT = 100
@@ -24,6 +27,17 @@ def invalid(loc: list[Any], message: str) -> RequestValidationError:
 def not_found(kind: str, item_id: str) -> HTTPException:
     """A 404 for an unknown id."""
     return HTTPException(status_code=404, detail=f"{kind} {item_id} not found")
+
+
+@contextmanager
+def refusals_as_http() -> Iterator[None]:
+    """Answer the domain errors of `jobs.actions`: 404 for an item not found, 409 for a refusal."""
+    try:
+        yield
+    except NotFound as error:
+        raise not_found(error.kind, error.item_id) from None
+    except Refused as error:
+        raise HTTPException(status_code=409, detail=str(error)) from None
 
 
 def shorten(text: str, limit: int = QUOTE_LIMIT) -> str:

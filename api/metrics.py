@@ -47,8 +47,8 @@ def multiprocess_dir() -> str | None:
 class PoolGauges:
     """The database pool's use in this process; in multiprocess mode summed over live processes."""
 
-    def __init__(self, engine: Engine, registry: CollectorRegistry) -> None:
-        self._pool = engine.pool
+    def __init__(self, database: Engine, registry: CollectorRegistry) -> None:
+        self._pool = database.pool
 
         def gauge(name: str, documentation: str) -> Gauge:
             return Gauge(name, documentation, registry=registry, multiprocess_mode="livesum")
@@ -93,7 +93,7 @@ class ApiMetrics:
         return encoder(self.exposed), content_type
 
 
-def build_metrics(engine: Engine, factory: sessionmaker[Session], settings: Settings) -> ApiMetrics:
+def build_metrics(database: Engine, factory: sessionmaker[Session], settings: Settings) -> ApiMetrics:
     """The app's metrics: its own registry, or every process's files merged in multiprocess mode."""
     check_multiprocess_setting(settings)
     disable_created_metrics()  # a `_created` series per label set doubles the output for no use here
@@ -105,7 +105,7 @@ def build_metrics(engine: Engine, factory: sessionmaker[Session], settings: Sett
         buckets=LATENCY_BUCKETS_S,
         registry=own,
     )
-    pool = PoolGauges(engine, own)
+    pool = PoolGauges(database, own)
     queue = QueueCollector(factory, settings.metrics_recent_jobs)
     if multiprocess_dir() is None:
         ProcessCollector(registry=own)  # CPU, memory, open files: meaningless merged, so single process only

@@ -40,7 +40,7 @@ access_log = logging.getLogger("api.access")
 ResponseObserver = Callable[[str, str, int, float], None]
 
 
-def add_observability(app: FastAPI, settings: Settings, engine: Engine) -> None:
+def add_observability(app: FastAPI, settings: Settings, database: Engine) -> None:
     """Structured logs, request ids with one access line each, and /metrics when enabled.
 
     Added last in `create_app`, so it wraps every other middleware: shed and refused requests get an id,
@@ -49,7 +49,7 @@ def add_observability(app: FastAPI, settings: Settings, engine: Engine) -> None:
     configure_logging(settings.log_format, settings.log_level)
     observe: ResponseObserver | None = None
     if settings.metrics_enabled:
-        app.state.metrics = metrics.build_metrics(engine, app.state.session_factory, settings)
+        app.state.metrics = metrics.build_metrics(database, app.state.session_factory, settings)
         app.include_router(metrics.router)
         observe = app.state.metrics.observe
     app.add_middleware(RequestObserver, observe=observe)

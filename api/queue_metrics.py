@@ -2,15 +2,15 @@
 
 Queue depth and heartbeats read only live jobs (the indexed `status` column: as many rows as are queued or
 running). Phase times, peak VRAM and out-of-memory retries come from the most recent `METRICS_RECENT_JOBS`
-stats rows, aggregated here; picking them is `ORDER BY recorded_at DESC LIMIT n`, which reads n rows through
-the index on `job_stats.recorded_at` (migration 0007; without it a scrape sorted the whole table, see
-bench/metrics_scrape.py). Being windows, not running totals, they are gauges: the phase times are a gauge
-histogram, which `histogram_quantile` reads without `rate`.
+stats rows, aggregated here from columns alone (`oom_attempts` is one, so no stored record is read); picking
+them is `ORDER BY recorded_at DESC LIMIT n`, which reads n rows through the index on `job_stats.recorded_at`
+(migration 0007; without it a scrape sorted the whole table, see bench/metrics_scrape.py). Being windows, not
+running totals, they are gauges: the phase times are a gauge histogram, which `histogram_quantile` reads
+without `rate`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,32 +19,33 @@ from datetime import datetime
 
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.controls import is_paused
-from jobs.states import JobStatus
+from jobs.states import ACTIVE, JobStatus
 from jobs.tables import Job, JobStats, utcnow
 
 log = logging.getLogger(__name__)
 
 PHASES = ("load", "encode", "denoise", "decode", "save", "place")
 PHASE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
-OOM_OUTCOME = "out of memory"
-EXHAUSTED = "exhausted"  # the offload mode recorded for a job that ran out of memory on every rung
+LIVE = sorted(ACTIVE)  # queued, running: the order the gauges are written in
+# The rung worker/engine/records.py records for a job that ran out of memory on every rung (the API does not
+# import the engine).
+EXHAUSTED = "exhausted"
 
 
 @dataclass(frozen=True)
 class RecentRender:
-    """One recent job_stats row: its size, plan, phase seconds, peak and (only when it ran out) its plan."""
+    """One recent job_stats row: its size, rung, phase seconds, peak and attempts that ran out of memory."""
 
     size: str
-    offload_mode: str
+    rung: str
     phase_s: tuple[float, ...]
     peak_reserved_bytes: int | None
-    oom_plan: str | None
+    oom_attempts: int
 
 
 class QueueCollector:
@@ -77,7 +78,7 @@ class QueueCollector:
 def read_families(session: Session, recent_jobs: int) -> list[Metric]:
     """Every SQL-derived family, read in one session."""
     renders = recent_renders(session, recent_jobs)
-    finished = [r for r in renders if r.offload_mode != EXHAUSTED]
+    finished = [r for r in renders if r.rung != EXHAUSTED]
     return [
         *queue_families(session),
         *heartbeat_families(session, utcnow()),
@@ -124,22 +125,23 @@ def heartbeat_families(session: Session, now: datetime) -> list[Metric]:
 
 
 def recent_renders(session: Session, limit: int) -> list[RecentRender]:
-    """The most recently recorded job stats, newest first; the plan only where it ran out of memory."""
-    # Pick the rows first on the stats table alone, then join and read plans for those rows only.
+    """The most recently recorded job stats, newest first."""
+    # Pick the rows first on the stats table alone, then join and read the rest for those rows only.
     recent = select(JobStats.job_id).order_by(JobStats.recorded_at.desc()).limit(limit).subquery()
-    oom_plan = case((JobStats.plan.like(f"%{OOM_OUTCOME}%"), JobStats.plan), else_=None)
     phases = [getattr(JobStats, f"{phase}_s") for phase in PHASES]
     rows = session.execute(
-        select(Job.width, Job.height, JobStats.offload_mode, JobStats.peak_reserved_bytes, oom_plan, *phases)
+        select(
+            Job.width, Job.height, JobStats.rung, JobStats.peak_reserved_bytes, JobStats.oom_attempts, *phases
+        )
         .join(recent, recent.c.job_id == JobStats.job_id)
         .join(Job, Job.id == JobStats.job_id)
     ).all()
     return [
         RecentRender(
             size=f"{row[0]}x{row[1]}",
-            offload_mode=row[2],
+            rung=row[2],
             peak_reserved_bytes=row[3],
-            oom_plan=row[4],
+            oom_attempts=int(row[4] or 0),
             phase_s=tuple(float(value or 0.0) for value in row[5:]),
         )
         for row in rows
@@ -166,24 +168,24 @@ def cumulative_buckets(values: Sequence[float]) -> list[tuple[str, float]]:
 
 
 def peak_vram_families(renders: Iterable[RecentRender]) -> list[Metric]:
-    """Peak reserved VRAM by size and offload mode (the plan's rung): max, mean and how many jobs."""
+    """Peak reserved VRAM by size and rung (the plan's placement): max, mean and how many jobs."""
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for render in renders:
         if render.peak_reserved_bytes is not None:
-            groups[(render.size, render.offload_mode)].append(render.peak_reserved_bytes)
-    labels = ["size", "offload_mode"]
+            groups[(render.size, render.rung)].append(render.peak_reserved_bytes)
+    labels = ["size", "rung"]
     top = GaugeMetricFamily(
         "nightrender_recent_job_peak_reserved_max_bytes",
-        "Largest peak of reserved VRAM, by size and offload mode, over the recent jobs",
+        "Largest peak of reserved VRAM, by size and rung, over the recent jobs",
         labels=labels,
     )
     mean = GaugeMetricFamily(
         "nightrender_recent_job_peak_reserved_mean_bytes",
-        "Mean peak of reserved VRAM, by size and offload mode, over the recent jobs",
+        "Mean peak of reserved VRAM, by size and rung, over the recent jobs",
         labels=labels,
     )
     jobs = GaugeMetricFamily(
-        "nightrender_recent_jobs", "Recent jobs with a recorded peak, by size and offload mode", labels=labels
+        "nightrender_recent_jobs", "Recent jobs with a recorded peak, by size and rung", labels=labels
     )
     for key, peaks in sorted(groups.items()):
         top.add_metric(list(key), max(peaks))
@@ -197,13 +199,11 @@ def oom_families(renders: Iterable[RecentRender]) -> list[Metric]:
     retries = 0
     jobs: Counter[str] = Counter({"recovered": 0, "exhausted": 0})
     for render in renders:
-        ran_out = oom_attempts(render.oom_plan)
-        if not ran_out:
+        if not render.oom_attempts:
             continue
-        exhausted = render.offload_mode == EXHAUSTED
-        retries += (
-            ran_out - 1 if exhausted else ran_out
-        )  # the last failure of an exhausted job was not retried
+        exhausted = render.rung == EXHAUSTED
+        # The last failure of an exhausted job was not retried: there was no rung left.
+        retries += render.oom_attempts - 1 if exhausted else render.oom_attempts
         jobs["exhausted" if exhausted else "recovered"] += 1
     total = GaugeMetricFamily(
         "nightrender_recent_oom_retries",
@@ -218,16 +218,3 @@ def oom_families(renders: Iterable[RecentRender]) -> list[Metric]:
     for name, n in jobs.items():
         outcome.add_metric([name], n)
     return [total, outcome]
-
-
-def oom_attempts(plan: str | None) -> int:
-    """How many of a stored plan's attempts ran out of memory (0 for none or an unreadable plan)."""
-    if not plan:
-        return 0
-    try:
-        attempts = json.loads(plan).get("attempts", [])
-    except (ValueError, AttributeError):
-        return 0
-    return sum(
-        1 for a in attempts if isinstance(a, dict) and str(a.get("outcome", "")).startswith(OOM_OUTCOME)
-    )

@@ -61,8 +61,12 @@ class JobMemory(BaseModel):
     device_used_end_bytes: int | None
     device_free_end_bytes: int | None
     host_rss_bytes: int | None
-    offload_mode: str
-    plan: str | None = Field(description="the planner's plan, as JSON text")
+    rung: str = Field(
+        description="the rung the job rendered on, or `exhausted` when every rung ran out of memory"
+    )
+    plan: dict[str, Any] | None = Field(
+        description="the render's record: the plan's fields, planned_for, compiled, every attempt and notes"
+    )
     predicted_peak_bytes: int | None
     vram_budget_bytes: int | None
     load_s: float
@@ -73,6 +77,7 @@ class JobMemory(BaseModel):
     place_s: float
     placement_changed: bool
     recompiles: int
+    oom_attempts: int = Field(description="how many of its attempts ran out of memory (see `plan.attempts`)")
     device_name: str
     torch_version: str
     diffusers_version: str
@@ -136,11 +141,11 @@ class Resumed(BaseModel):
 
 
 class StatsRow(BaseModel):
-    """Measured memory and time for one resolution and plan."""
+    """Measured memory and time for one resolution and rung."""
 
     width: int
     height: int
-    offload_mode: str
+    rung: str
     device_name: str
     jobs: int
     peak_allocated_bytes_max: int | None

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli.stack import Stack
 from jobs import migrate
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, finish_job
 from jobs.params import GenerationParams
 from jobs.settings import Settings
@@ -58,7 +58,7 @@ POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 STATS = {
     "peak_allocated_bytes": 10**8,
     "peak_reserved_bytes": 2 * 10**8,
-    "offload_mode": "none",
+    "rung": "none",
     "encode_s": 0.01,
     "denoise_s": 0.1,
     "decode_s": 0.01,
@@ -142,7 +142,7 @@ def write_png(path: Path, rng: random.Random, side: int) -> int:
 def build_finished_batch(settings: Settings, jobs: int, side: int) -> tuple[str, int]:
     """A batch of `jobs` succeeded jobs with stats and a PNG each; returns its id and the PNGs' bytes."""
     migrate.upgrade(settings.resolved_database_url())
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     factory = make_session_factory(engine)
     outputs = settings.resolved_outputs_dir()
     outputs.mkdir(parents=True, exist_ok=True)

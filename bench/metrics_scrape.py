@@ -37,15 +37,16 @@ from jobs.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-PLAN = json.dumps(
-    {
-        "rung": "stream",
-        "transformer_resident": list(range(20)),
-        "attempts": [{"plan": "stream 20/34", "rung": "stream", "outcome": "ok", "seconds": 1.234}],
-        "filler": "x" * 500,
-    }
-)
-OOM_PLAN = PLAN.replace('"outcome": "ok"', '"outcome": "out of memory: CUDA out of memory"')
+RENDERED = {"plan": "stream 20/34", "rung": "stream", "outcome": "ok", "seconds": 1.234}
+RAN_OUT = {
+    "plan": "resident 34/34",
+    "rung": "resident",
+    "outcome": "out of memory: CUDA out of memory",
+    "seconds": 0.5,
+}
+RECORD = {"rung": "stream", "transformer_resident": 20, "attempts": [RENDERED], "filler": "x" * 500}
+PLAN = json.dumps(RECORD)
+OOM_PLAN = json.dumps({**RECORD, "attempts": [RAN_OUT, RENDERED]})  # recovered on the next rung
 SCRAPES = 30
 
 
@@ -56,12 +57,14 @@ def fill_sql(backend: str, jobs: int) -> list[str]:
         new_id = "md5(i::text || random()::text)::uuid::text"
         age = f"now() - ({jobs} - i) * interval '1 second'"
         false = "false"
+        as_json = "::jsonb"
     else:
         numbers = f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {jobs})"
         series = f"FROM ({numbers} SELECT i FROM s)"
         new_id = "lower(hex(randomblob(16)))"
         age = f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ({jobs} - i) || ' seconds')"
         false = "0"
+        as_json = ""
     status = "CASE WHEN i % 100 = 0 THEN 'queued' ELSE 'succeeded' END"
     return [
         "INSERT INTO jobs (id, batch_index, prompt, width, height, steps, guidance_scale, seed, model, "
@@ -69,11 +72,12 @@ def fill_sql(backend: str, jobs: int) -> list[str]:
         "owner) "
         f"SELECT {new_id}, i, 'a lighthouse at dusk', 512 + (i % 4) * 128, 512, 9, 0, i, 'synthetic:tiny', "
         f"'bf16', 0, {status}, 1, 3, {false}, 9, {age}, '' {series}",
-        "INSERT INTO job_stats (job_id, peak_allocated_bytes, peak_reserved_bytes, offload_mode, plan, "
+        "INSERT INTO job_stats (job_id, peak_allocated_bytes, peak_reserved_bytes, rung, plan, oom_attempts, "
         "load_s, encode_s, denoise_s, decode_s, save_s, place_s, placement_changed, recompiles, device_name, "
         "torch_version, diffusers_version, recorded_at) "
         f"SELECT id, 4000000000 + seed, 5000000000 + seed, 'stream', "
-        f"CASE WHEN seed % 100 = 7 THEN '{OOM_PLAN}' ELSE '{PLAN}' END, 0.0, 0.15, 0.9 + (seed % 10) * 0.1, "
+        f"(CASE WHEN seed % 100 = 7 THEN '{OOM_PLAN}' ELSE '{PLAN}' END){as_json}, "
+        "CASE WHEN seed % 100 = 7 THEN 1 ELSE 0 END, 0.0, 0.15, 0.9 + (seed % 10) * 0.1, "
         f"0.12, 0.03, 0.0, {false}, 0, 'bench', '2.x', '0.x', created_at "
         "FROM jobs WHERE status = 'succeeded'",
         "UPDATE jobs SET status = 'running', started_at = created_at, heartbeat_at = created_at "
@@ -111,7 +115,9 @@ def fill(engine: Engine, backend: str, jobs: int) -> float:
 
 def time_scrapes(settings: Settings) -> dict[str, Any]:
     """Median and worst of SCRAPES scrapes after one warm-up, and the body's size."""
-    with TestClient(create_app(settings, reconcile=False)) as client:
+    # From loopback, as the keyless local user: the API serves no one else while no API key exists.
+    app = create_app(settings, reconcile=False)
+    with TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000)) as client:
         body = client.get("/metrics").text
         assert "nightrender_metrics_database_up 1.0" in body, body[-500:]
         seconds = []

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker.engine import Engine, RenderRequest, load_pipeline
 from worker.engine.budget import apply_device_cap
-from worker.engine.calibration import DEFAULT_ACTIVATIONS
-from worker.engine.plan import GB, ActivationModel, Budget
+from worker.engine.costs import GB, ActivationModel, Budget
+from worker.engine.fitted_costs import DEFAULT_ACTIVATIONS
 from worker.engine.render import decode_latents
 
 PROMPT = "a lighthouse on a cliff above a stormy sea at dusk, oil painting, dramatic light"
@@ -270,7 +270,7 @@ def engine_row(name: str, cap: float, results: list[Any], seconds: float, engine
         "encode_s": round(sum(s.encode_s for s in stats) / len(stats), 3),
         "denoise_s": round(sum(s.denoise_s for s in stats) / len(stats), 3),
         "decode_s": round(sum(s.decode_s for s in stats) / len(stats), 3),
-        "ooms": sum(len(json.loads(s.plan or "{}").get("attempts", [])) - 1 for s in stats),
+        "ooms": sum(s.oom_attempts for s in stats),
     }
 
 
@@ -363,7 +363,7 @@ def mixed_row(
         max_prediction_error=round(max(errors), 3),
         mean_prediction_error=round(sum(errors) / len(errors), 3),
         over_budget=sum((r.stats.peak_reserved_bytes or 0) > cap * GB for r in results),
-        rungs=sorted({r.stats.offload_mode for r in results}),
+        rungs=sorted({r.stats.rung for r in results}),
         replacements=sum(r.stats.placement_changed for r in results),
         per_job=[
             {
@@ -371,8 +371,8 @@ def mixed_row(
                 "predicted_gb": gigabytes(r.stats.predicted_peak_bytes),
                 "allocated_gb": gigabytes(r.stats.peak_allocated_bytes),
                 "reserved_gb": gigabytes(r.stats.peak_reserved_bytes),
-                "rung": r.stats.offload_mode,
-                "attempts": len(json.loads(r.stats.plan or "{}").get("attempts", [])),
+                "rung": r.stats.rung,
+                "attempts": len(r.stats.attempts),
                 "placed_s": round(r.stats.place_s, 3),
                 "recompiles": r.stats.recompiles,
                 "denoise_s": round(r.stats.denoise_s, 3),

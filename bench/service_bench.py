@@ -35,7 +35,7 @@ from sqlalchemy import MetaData, Table, select
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli.stack import Stack
-from jobs.db import make_engine, make_session_factory
+from jobs.db import make_database, make_session_factory
 from jobs.settings import Settings
 from jobs.tables import Batch, Job, JobStats
 
@@ -338,7 +338,7 @@ def progress_line(name: str, summary: dict[str, Any]) -> str:
 
 def read_jobs(url: str, batch_id: str) -> tuple[datetime, list[dict[str, Any]]]:
     """The batch's creation time and its jobs, each with its whole job_stats row (reflected) and plan."""
-    engine = make_engine(url)
+    engine = make_database(url)
     try:
         stats = Table(JobStats.__tablename__, MetaData(), autoload_with=engine)
         with make_session_factory(engine)() as session:
@@ -355,7 +355,9 @@ def read_jobs(url: str, batch_id: str) -> tuple[datetime, list[dict[str, Any]]]:
 
 def job_record(job: Job, stats: dict[str, Any]) -> dict[str, Any]:
     """What the figures need of one job: status, size, finish time, stats columns and the parsed plan."""
-    plan = json.loads(stats["plan"]) if stats.get("plan") else {}
+    plan = stats.get("plan") or {}
+    if isinstance(plan, str):  # a database from before migration 0008 kept the plan as JSON text
+        plan = json.loads(plan)
     return {
         "status": job.status,
         "size": f"{job.width}x{job.height}",

@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, insert, text
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs import migrate
-from jobs.db import make_engine, make_session_factory
+from jobs.db import make_database, make_session_factory
 from jobs.tables import Batch, Job, WebhookDelivery
 from jobs.webhook_sending import due_deliveries
 from jobs.webhooks import record_finished
@@ -96,7 +96,7 @@ def fill(url: str, args: argparse.Namespace) -> None:
 
 def time_pass(url: str, repeats: int) -> list[float]:
     """Seconds each pass's SQL took; every pass must find nothing to record and nothing due."""
-    engine = make_engine(url)
+    engine = make_database(url)
     factory = make_session_factory(engine)
     times = []
     for _ in range(repeats):

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.keys import KeyCommandError, add_key, list_keys, revoke_key
 from jobs.settings import get_settings
 
@@ -18,7 +18,7 @@ console = Console()
 
 
 def _factory() -> sessionmaker[Session]:
-    return make_session_factory(make_engine(get_settings().resolved_database_url()))
+    return make_session_factory(make_database(get_settings().resolved_database_url()))
 
 
 @keys_app.command("add")

@@ -12,8 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.client import Client
-
-DONE_STATES = ("succeeded", "failed", "cancelled")
+from jobs.states import TERMINAL
 
 
 class WorkerGone(RuntimeError):
@@ -39,7 +38,7 @@ def follow_batch(
         summary = client.batch(batch_id)
         task = progress.add_task("rendering", total=summary["total"], detail="")
         while True:
-            done = sum(summary["counts"][state] for state in DONE_STATES)
+            done = sum(summary["counts"][state] for state in TERMINAL)
             progress.update(task, completed=done, detail=_detail(summary))
             if done >= summary["total"]:
                 return summary
@@ -57,26 +56,26 @@ def _detail(summary: dict[str, Any]) -> str:
 
 
 def memory_table(jobs: list[dict[str, Any]]) -> Table:
-    """Peak memory and time per resolution and offload mode, from the jobs' recorded stats."""
+    """Peak memory and time per resolution and rung, from the jobs' recorded stats."""
     groups: dict[tuple[int, int, str], list[dict[str, Any]]] = defaultdict(list)
     for job in jobs:
         memory = job.get("memory")
         if memory:
             params = job["params"]
-            groups[(params["width"], params["height"], memory["offload_mode"])].append(memory)
+            groups[(params["width"], params["height"], memory["rung"])].append(memory)
     table = Table(title="Memory by resolution (measured)")
-    for header in ("size", "mode", "device", "jobs", "peak alloc", "peak reserved", "host RSS", "s/image"):
-        table.add_column(header, justify="right" if header not in ("mode", "device") else "left")
-    for (width, height, mode), rows in sorted(groups.items(), key=lambda kv: kv[0][0] * kv[0][1]):
-        table.add_row(*_memory_row(f"{width}x{height}", mode, rows))
+    for header in ("size", "rung", "device", "jobs", "peak alloc", "peak reserved", "host RSS", "s/image"):
+        table.add_column(header, justify="right" if header not in ("rung", "device") else "left")
+    for (width, height, rung), rows in sorted(groups.items(), key=lambda kv: kv[0][0] * kv[0][1]):
+        table.add_row(*_memory_row(f"{width}x{height}", rung, rows))
     return table
 
 
-def _memory_row(size: str, mode: str, rows: list[dict[str, Any]]) -> list[str]:
+def _memory_row(size: str, rung: str, rows: list[dict[str, Any]]) -> list[str]:
     seconds = [r["encode_s"] + r["denoise_s"] + r["decode_s"] + r["save_s"] for r in rows]
     return [
         size,
-        mode,
+        rung,
         rows[0]["device_name"],
         str(len(rows)),
         gigabytes(max_or_none(r["peak_allocated_bytes"] for r in rows)),

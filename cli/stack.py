@@ -65,6 +65,7 @@ class Stack:
 
     def wait_worker_ready(self, timeout: float = 300.0) -> None:
         """Block until Celery reports ready (the model is loaded), or raise with the worker's log."""
+        # The log line is the only readiness signal a worker gives: nothing in SQL or the API says so.
         _wait_for(lambda: " ready." in self.log_tail("worker", 200), timeout, "worker", self)
 
     def worker_alive(self) -> bool:

@@ -1,4 +1,6 @@
-"""Database engine and sessions: PostgreSQL in production, SQLite embedded."""
+"""The database (a SQLAlchemy Engine: a pool of connections) and its sessions: PostgreSQL in production,
+SQLite embedded.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ log = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 
-def make_engine(url: str, *, pool_size: int = 5, pool_timeout_s: float = 30.0) -> Engine:
-    """An engine tuned for the backend: WAL and a busy timeout on SQLite, pre-ping elsewhere.
+def make_database(url: str, *, pool_size: int = 5, pool_timeout_s: float = 30.0) -> Engine:
+    """The database at `url`, tuned for the backend: WAL and a busy timeout on SQLite, pre-ping elsewhere.
 
     A server passes a pool as large as the threads that may hold a connection at once, so a thread
     never waits for a connection that only another waiting request could give back.
@@ -26,9 +28,9 @@ def make_engine(url: str, *, pool_size: int = 5, pool_timeout_s: float = 30.0) -
     pool = {"pool_size": pool_size, "max_overflow": pool_size, "pool_timeout": pool_timeout_s}
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
+        database = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
+        event.listen(database, "connect", _sqlite_pragmas)
+        return database
     return create_engine(url, pool_pre_ping=True, **pool)
 
 
@@ -47,9 +49,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+def make_session_factory(database: Engine) -> sessionmaker[Session]:
     """A session factory whose objects stay readable after commit."""
-    return sessionmaker(engine, expire_on_commit=False)
+    return sessionmaker(database, expire_on_commit=False)
 
 
 @contextmanager

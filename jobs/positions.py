@@ -112,11 +112,11 @@ _snapshots_lock = threading.Lock()
 
 
 def snapshot_for(session: Session) -> QueueSnapshot:
-    """The snapshot of the database this session reads: one per engine, so one per process and database."""
+    """The snapshot of the database this session reads: one per process and database."""
     bind = session.get_bind()
-    engine = bind.engine if isinstance(bind, Connection) else bind
+    database = bind.engine if isinstance(bind, Connection) else bind
     with _snapshots_lock:
-        snapshot = _snapshots.get(engine)
+        snapshot = _snapshots.get(database)
         if snapshot is None:
-            snapshot = _snapshots[engine] = QueueSnapshot()
+            snapshot = _snapshots[database] = QueueSnapshot()
         return snapshot

@@ -27,53 +27,47 @@ from jobs.settings import Settings
 RENDER_TASK = "nightrender.render_job"
 # Redis has no native priorities; kombu emulates them with one list per step, lowest number first.
 PRIORITY_STEPS = list(range(10))
-MAX_PRIORITY = 9
-UNACKED_KEY = "unacked"  # kombu's Redis hash of delivered, not yet acknowledged messages
+MAX_PRIORITY = PRIORITY_STEPS[-1]
 # Messages per Redis pipeline round trip: 10,000 jobs go out in 10 round trips, not 10,000.
 PIPELINE_MESSAGES = 1000
 YIELD_EVERY = 32  # messages (about a millisecond of work) between handing over the GIL
 
 
-def celery_config(settings: Settings) -> dict[str, object]:
-    """Celery settings shared by the publisher and the worker."""
-    # Above the longest job; Celery reads it from both option sets, so both carry it.
-    transport = {
-        "visibility_timeout": settings.visibility_timeout_s,
-        "priority_steps": PRIORITY_STEPS,
-        "queue_order_strategy": "priority",
-        # Sweep for messages past their visibility timeout often enough to matter (kombu's default
-        # throttle makes it one scan in ~100 s); duplicates are harmless, the claim refuses them.
-        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
-        "unacked_restore_throttle": 1,
-    }
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    """How kombu's Redis transport keeps the queue; the publisher and the worker must agree on these."""
+    return {"visibility_timeout": settings.visibility_timeout_s, "priority_steps": PRIORITY_STEPS}
+
+
+def publisher_config(settings: Settings) -> dict[str, object]:
+    """What publishing needs: the broker, how it keeps messages, the serializer and the default queue.
+
+    The worker's own settings (pool, prefetch, acknowledgement) live with it, in `worker.celery_app`.
+    """
     return {
         "broker_url": settings.resolved_redis_url(),
-        "broker_transport_options": transport,
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
-        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": broker_transport_options(settings),
         "task_default_queue": settings.queue_name,
         "task_serializer": "json",
-        "accept_content": ["json"],
-        "result_serializer": "json",
-        "task_ignore_result": True,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "worker_concurrency": 1,
-        "worker_pool": "solo",
     }
 
 
 def make_celery(settings: Settings, name: str = "nightrender") -> Celery:
-    """A Celery app configured for our broker; used bare by publishers."""
+    """A Celery app that publishes to our broker; the worker adds its settings to one."""
     app = Celery(name)
-    app.conf.update(celery_config(settings))
+    app.conf.update(publisher_config(settings))
     return app
 
 
-def priority_list(queue: str, step: int) -> str:
-    """The Redis list kombu keeps a queue's messages of one priority step in."""
-    return queue if step == 0 else f"{queue}\x06\x16{step}"
+def priority_lists(channel: Channel, queue: str) -> list[str]:
+    """The Redis lists kombu keeps a queue's messages in, one per priority step, highest first."""
+    return [priority_list(channel, queue, step) for step in channel.priority_steps]
+
+
+def priority_list(channel: Channel, queue: str, step: int) -> str:
+    """The Redis list kombu's Redis channel keeps a queue's messages of one priority step in."""
+    # kombu's own naming (the list its `_put` pushes to and its consumer pops), so the separator and
+    # the steps are the channel's, not a copy of them.
+    return str(channel._q_for_pri(queue, step))
 
 
 def broker_priority(priority: int) -> int:
@@ -130,7 +124,8 @@ class Publisher:
         lists: dict[str, list[str]] = {}
         for index, item in enumerate(items):
             step = broker_priority(item.priority)
-            lists.setdefault(priority_list(self._queue, step), []).append(self._message(channel, item, step))
+            name = priority_list(channel, self._queue, step)
+            lists.setdefault(name, []).append(self._message(channel, item, step))
             if index % YIELD_EVERY == 0:
                 time.sleep(0)  # hand the GIL to the API's event loop now and then
         return list(lists.items())
@@ -171,23 +166,21 @@ class Publisher:
     def live_job_ids(self) -> set[str]:
         """Job ids with a message waiting in the queue or delivered and not yet acknowledged."""
         with self._app.connection_for_write() as connection:
-            client = connection.default_channel.client
+            channel = connection.default_channel
             live: set[str] = set()
-            for name in self._list_names():
-                live.update(_task_id(raw) for raw in client.lrange(name, 0, -1))
-            for raw in client.hvals(UNACKED_KEY):
+            for name in priority_lists(channel, self._queue):
+                live.update(_task_id(raw) for raw in channel.client.lrange(name, 0, -1))
+            # kombu's hash of delivered, not yet acknowledged messages (shared by every queue).
+            for raw in channel.client.hvals(channel.unacked_key):
                 live.add(_unacked_task_id(raw))
             live.discard("")
             return live
 
-    def _list_names(self) -> list[str]:
-        return [priority_list(self._queue, step) for step in PRIORITY_STEPS]
-
     def queue_length(self) -> int:
         """Messages waiting in the broker across all priority lists (for tests and ops)."""
         with self._app.connection_for_write() as connection:
-            client = connection.default_channel.client
-            return int(sum(client.llen(name) for name in self._list_names()))
+            channel = connection.default_channel
+            return int(sum(channel.client.llen(name) for name in priority_lists(channel, self._queue)))
 
 
 def _task_id(raw: bytes) -> str:

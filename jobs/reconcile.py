@@ -6,11 +6,12 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.controls import is_paused
 from jobs.db import transaction
+from jobs.lifecycle import cancel_stale, fail_stale, mark_lost, requeue_stale
 from jobs.queue import Publication, Publisher
 from jobs.states import JobStatus
 from jobs.submit import publish_jobs
@@ -31,28 +32,12 @@ class ReconcileReport:
 
 def recover_stale_running(session: Session, *, stale_after_s: float) -> tuple[int, int]:
     """Running jobs whose heartbeat stopped go back to the queue, or fail once their attempts are spent."""
-    cutoff = utcnow() - timedelta(seconds=stale_after_s)
-    stale = (Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)
-    # A lost job whose cancel was requested is simply cancelled: requeueing it could never be claimed.
-    session.execute(
-        update(Job)
-        .where(*stale, Job.cancel_requested.is_(True))
-        .values(status=JobStatus.CANCELLED, lease_token=None, finished_at=utcnow(), error="cancelled")
-        .execution_options(synchronize_session=False)
-    )
-    failed = session.execute(
-        update(Job)
-        .where(*stale, Job.attempts >= Job.max_attempts)
-        .values(status=JobStatus.FAILED, lease_token=None, finished_at=utcnow(), error="worker lost")
-        .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
-    requeued = session.execute(
-        update(Job)
-        .where(*stale, Job.attempts < Job.max_attempts)
-        .values(status=JobStatus.QUEUED, lease_token=None, published_at=None, progress_step=0)
-        .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
-    return int(requeued), int(failed)
+    silent_since = utcnow() - timedelta(seconds=stale_after_s)
+    # Cancelled first: a lost job whose cancel was requested could never be claimed again.
+    cancel_stale(session, silent_since=silent_since)
+    failed = fail_stale(session, silent_since=silent_since)
+    requeued = requeue_stale(session, silent_since=silent_since)
+    return requeued, failed
 
 
 def mark_lost_messages(session: Session, *, live: set[str], older_than_s: float) -> int:
@@ -62,13 +47,7 @@ def mark_lost_messages(session: Session, *, live: set[str], older_than_s: float)
         select(Job.id).where(Job.status == JobStatus.QUEUED, Job.published_at < cutoff)
     ).all()
     lost = [job_id for job_id in candidates if job_id not in live]
-    for start in range(0, len(lost), 500):
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(lost[start : start + 500]), Job.status == JobStatus.QUEUED)
-            .values(published_at=None)
-            .execution_options(synchronize_session=False)
-        )
+    mark_lost(session, job_ids=lost)
     return len(lost)
 
 

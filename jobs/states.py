@@ -1,4 +1,4 @@
-"""Job states and the transitions between them."""
+"""Job states and the groups of them the code asks about; jobs/lifecycle.py holds the moves between them."""
 
 from __future__ import annotations
 
@@ -15,30 +15,18 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# The finished states: no move leaves them (a retry makes a new job).
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-
-# Which status a job may move to from each status; anything else is a bug or a stale writer.
-TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.RUNNING: frozenset(
-        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
-    ),
-    JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
-    JobStatus.CANCELLED: frozenset(),
-}
-
-
-def can_transition(current: JobStatus, target: JobStatus) -> bool:
-    """Whether a job in `current` may move to `target`."""
-    return target in TRANSITIONS[current]
+# The states of a job with work left: waiting for a worker, or on one.
+ACTIVE = frozenset(JobStatus) - TERMINAL
+# The finished states a client may retry.
+RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 def batch_status(counts: dict[str, int]) -> JobStatus:
     """A batch's status, derived from how many of its jobs are in each state."""
     total = sum(counts.values())
-    active = counts.get(JobStatus.QUEUED, 0) + counts.get(JobStatus.RUNNING, 0)
-    if active:
+    if sum(counts.get(status, 0) for status in ACTIVE):
         started = total - counts.get(JobStatus.QUEUED, 0)
         return JobStatus.RUNNING if started else JobStatus.QUEUED
     if counts.get(JobStatus.FAILED, 0):

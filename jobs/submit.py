@@ -9,19 +9,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.batching import PARAMS_LIST
 from jobs.db import transaction
+from jobs.lifecycle import mark_sent, mark_unsent, submitted_columns
 from jobs.params import GenerationParams
 from jobs.queue import Publication, Publisher
+from jobs.states import ACTIVE
 from jobs.tables import LOCAL_OWNER, Batch, Job, utcnow
 
 log = logging.getLogger(__name__)
 # The columns every new job starts with.
-NEW_JOB: dict[str, Any] = {"status": "queued", "attempts": 0, "cancel_requested": False, "progress_step": 0}
+NEW_JOB: dict[str, Any] = submitted_columns()
 
 
 class IdempotencyConflict(ValueError):
@@ -189,7 +191,7 @@ def check_same_request(stored_hash: str | None, idempotency: Idempotency) -> Non
 def active_jobs(session: Session, *, owner: str) -> int:
     """How many of an owner's jobs are queued or running (what the per-key quota counts)."""
     count = session.scalar(
-        select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(("queued", "running")))
+        select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE))
     )
     return int(count or 0)
 
@@ -208,12 +210,9 @@ def publish_jobs(
 
 
 def mark_published(factory: sessionmaker[Session], job_ids: Sequence[str]) -> None:
-    """Record when jobs were last published, in chunks that fit any driver's parameter limit."""
-    now = utcnow()
+    """Record when jobs still queued were last published."""
     with transaction(factory) as session:
-        for start in range(0, len(job_ids), 500):
-            chunk = list(job_ids[start : start + 500])
-            session.execute(update(Job).where(Job.id.in_(chunk)).values(published_at=now))
+        mark_sent(session, job_ids=job_ids, at=utcnow())
 
 
 def submit_batch(
@@ -318,8 +317,4 @@ def publish_stamped(
 def mark_unpublished(factory: sessionmaker[Session], job_ids: Sequence[str]) -> None:
     """Clear the publish stamp of jobs still queued, so the reconciler's next pass publishes them."""
     with transaction(factory) as session:
-        for start in range(0, len(job_ids), 500):
-            chunk = list(job_ids[start : start + 500])
-            session.execute(
-                update(Job).where(Job.id.in_(chunk), Job.status == "queued").values(published_at=None)
-            )
+        mark_unsent(session, job_ids=job_ids)

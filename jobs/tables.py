@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -19,8 +20,11 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from jobs.states import JobStatus
 
 # Stable constraint names, so migrations name the same things on PostgreSQL and SQLite.
 NAMING_CONVENTION = {
@@ -30,6 +34,10 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# JSON text on SQLite, jsonb on PostgreSQL; a Python None is stored as SQL NULL, not as JSON null.
+JSON_DOCUMENT = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -48,6 +56,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value  # type: ignore[no-any-return]
+
+
+class StatusText(TypeDecorator[JobStatus]):
+    """A job's status, stored as its enum value in a string column and read back as `JobStatus`."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        """Store the value (a status or its string); an unknown string is refused."""
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: Any, dialect: Any) -> JobStatus | None:
+        """Read the stored string back as a status."""
+        return None if value is None else JobStatus(value)
 
 
 class Base(DeclarativeBase):
@@ -128,7 +151,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(500))
     dtype: Mapped[str] = mapped_column(String(8))
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[JobStatus] = mapped_column(StatusText(), index=True, default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_token: Mapped[str | None] = mapped_column(String(36))
@@ -164,8 +187,10 @@ class JobStats(Base):
     device_used_end_bytes: Mapped[int | None] = mapped_column(BigInteger)
     device_free_end_bytes: Mapped[int | None] = mapped_column(BigInteger)
     host_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    offload_mode: Mapped[str] = mapped_column(String(32))
-    plan: Mapped[str | None] = mapped_column(Text)
+    # The rung the job rendered on (see worker/engine/plan.py), or "exhausted" when every rung ran out.
+    rung: Mapped[str] = mapped_column(String(32))
+    # The render's record: the plan's fields, planned_for, compiled, attempts and notes (migration 0008).
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOCUMENT)
     predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     vram_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
     load_s: Mapped[float] = mapped_column(Float, default=0.0)
@@ -176,6 +201,8 @@ class JobStats(Base):
     place_s: Mapped[float] = mapped_column(Float, default=0.0)
     placement_changed: Mapped[bool] = mapped_column(Boolean, default=False)
     recompiles: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts that ran out of memory (counted from the record), so /metrics reads no JSON (migration 0008).
+    oom_attempts: Mapped[int] = mapped_column(Integer, default=0)
     device_name: Mapped[str] = mapped_column(String(200))
     torch_version: Mapped[str] = mapped_column(String(50))
     diffusers_version: Mapped[str] = mapped_column(String(50))

@@ -124,13 +124,13 @@ def _eta_seconds(session: Session, batch_id: str, remaining: int) -> float | Non
 
 
 def stats_by_resolution(session: Session) -> list[dict[str, Any]]:
-    """Measured memory and time grouped by resolution and offload mode, from real job records."""
+    """Measured memory and time grouped by resolution and rung, from real job records."""
     per_image = JobStats.encode_s + JobStats.denoise_s + JobStats.decode_s + JobStats.save_s
     rows = session.execute(
         select(
             Job.width,
             Job.height,
-            JobStats.offload_mode,
+            JobStats.rung,
             JobStats.device_name,
             func.count(),
             func.max(JobStats.peak_allocated_bytes),
@@ -141,18 +141,18 @@ def stats_by_resolution(session: Session) -> list[dict[str, Any]]:
         )
         .join(JobStats, JobStats.job_id == Job.id)
         .where(Job.status == JobStatus.SUCCEEDED)
-        .group_by(Job.width, Job.height, JobStats.offload_mode, JobStats.device_name)
-        .order_by(Job.width * Job.height, Job.width, JobStats.offload_mode)
+        .group_by(Job.width, Job.height, JobStats.rung, JobStats.device_name)
+        .order_by(Job.width * Job.height, Job.width, JobStats.rung)
     ).all()
     return [_stats_row(row) for row in rows]
 
 
 def _stats_row(row: Any) -> dict[str, Any]:
-    width, height, mode, device, n, max_alloc, max_res, mean_res, mean_s, mean_denoise = row
+    width, height, rung, device, n, max_alloc, max_res, mean_res, mean_s, mean_denoise = row
     return {
         "width": width,
         "height": height,
-        "offload_mode": mode,
+        "rung": rung,
         "device_name": device,
         "jobs": int(n),
         "peak_allocated_bytes_max": _int_or_none(max_alloc),

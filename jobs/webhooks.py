@@ -23,14 +23,13 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from jobs.db import transaction
 from jobs.settings import Settings
-from jobs.states import JobStatus, batch_status
+from jobs.states import ACTIVE, batch_status
 from jobs.tables import Batch, Job, WebhookDelivery, utcnow
 from jobs.views import batch_counts, not_superseded
 from jobs.webhook_sending import DeliveryStatus, due_deliveries, send_delivery
 from jobs.webhook_targets import TargetRefused, checked_address
 
 log = logging.getLogger(__name__)
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 # A batch with a webhook that has not finished yet (or whose first finish is not recorded yet).
 WAITING: dict[str, Any] = {
     "status": "waiting",
@@ -112,7 +111,7 @@ def finish_payload(session: Session, *, batch: Batch, sequence: int) -> dict[str
     """The summary a receiver gets, or None while the batch still has work to do."""
     counts = batch_counts(session, batch.id)
     status = batch_status(counts)
-    if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+    if status in ACTIVE:
         return None
     finished_at = session.scalar(
         select(func.max(Job.finished_at)).where(Job.batch_id == batch.id, not_superseded())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from jobs.db import make_engine
+from jobs.db import make_database
 from jobs.settings import get_settings
 from jobs.tables import Base
 
@@ -26,7 +26,7 @@ def run_offline() -> None:
 
 def run_online() -> None:
     """Apply migrations over a real connection; batch mode lets SQLite alter tables."""
-    engine = make_engine(database_url())
+    engine = make_database(database_url())
     with engine.connect() as connection:
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=True

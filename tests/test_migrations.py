@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import Engine, MetaData, Table, create_engine, insert, inspect, text
+from sqlalchemy.orm import Session
 
 from jobs import migrate
-from jobs.tables import Base
+from jobs.tables import Base, JobStats
 from tests.conftest import BACKENDS
 
 TABLES = {"batches", "jobs", "job_stats", "queue_controls", "api_keys", "webhook_deliveries"}
@@ -44,3 +50,115 @@ def test_migrations_match_the_models(empty_database_url: str) -> None:
             assert migrated == {column.name for column in table.columns}, table.name
     finally:
         engine.dispose()
+
+
+# A plan as revision 0007 stored it: text, with the runner's notes at the top level.
+OLD_PLAN: dict[str, Any] = {
+    "rung": "te_streamed",
+    "description": "te_streamed, transformer 30/30 resident, text encoder streamed, vae full",
+    "predicted_peak_bytes": 12_884_901_888,
+    "resident_weight_bytes": 9_663_676_416,
+    "planned_for": [1024, 1024],
+    "compiled": False,
+    "recompiles": 0,
+    "attempts": [
+        {"plan": "resident", "rung": "resident", "outcome": "out of memory: CUDA", "seconds": 0.4},
+        {"plan": "te_streamed", "rung": "te_streamed", "outcome": "ok", "seconds": 2.5},
+    ],
+    "retry": "fp16 output NaN or black; retried in bf16",
+    "group": "encoded with 3 jobs",
+    "warning": "output is NaN or black",
+}
+# The same plan as revision 0008 stores it: JSON, the notes under "notes", the group as a number.
+RECORD = {key: value for key, value in OLD_PLAN.items() if key not in ("retry", "group", "warning")} | {
+    "notes": {"retry": OLD_PLAN["retry"], "group": 3, "warnings": [OLD_PLAN["warning"]]}
+}
+EXHAUSTED_PLAN = {
+    "rung": "exhausted",
+    "attempts": [{"plan": "x", "rung": "sequential", "outcome": "out of memory"}],
+}
+# job id -> (offload_mode, plan text) at revision 0007, then (plan, oom_attempts) at revision 0008.
+ROWS: dict[str, tuple[str, str | None, dict[str, Any] | None, int]] = {
+    "job-notes": ("te_streamed", json.dumps(OLD_PLAN), RECORD, 1),
+    "job-exhausted": ("exhausted", json.dumps(EXHAUSTED_PLAN), EXHAUSTED_PLAN, 1),
+    "job-no-plan": ("none", None, None, 0),
+    "job-not-json": ("none", "resident, 30/30", None, 0),
+}
+
+
+@pytest.fixture
+def engine(empty_database_url: str) -> Iterator[Engine]:
+    """An engine on the test's empty database."""
+    engine = create_engine(empty_database_url)
+    yield engine
+    engine.dispose()
+
+
+def insert_old_rows(engine: Engine) -> None:
+    """A job and a stats row per ROWS entry, written with revision 0007's columns."""
+    metadata = MetaData()
+    jobs, stats = (Table(name, metadata, autoload_with=engine) for name in ("jobs", "job_stats"))
+    now = datetime.now(UTC)
+    job: dict[str, Any] = {
+        "batch_index": 0,
+        "prompt": "a fox",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 0.0,
+    }
+    job |= {"seed": 1, "model": "m", "dtype": "bf16", "priority": 0, "status": "succeeded", "attempts": 1}
+    job |= {"max_attempts": 3, "cancel_requested": False, "progress_step": 2, "created_at": now}
+    measured: dict[str, Any] = {
+        "load_s": 0.0,
+        "encode_s": 0.1,
+        "denoise_s": 1.0,
+        "decode_s": 0.2,
+        "save_s": 0.0,
+    }
+    measured |= {
+        "device_name": "test",
+        "torch_version": "2.x",
+        "diffusers_version": "0.x",
+        "recorded_at": now,
+    }
+    with engine.begin() as connection:
+        for job_id, (mode, plan, _record, _ran_out) in ROWS.items():
+            connection.execute(insert(jobs).values(id=job_id, **job))
+            connection.execute(insert(stats).values(job_id=job_id, offload_mode=mode, plan=plan, **measured))
+
+
+def stats_indexes(engine: Engine) -> set[str]:
+    """The names of job_stats's indexes."""
+    return {index["name"] for index in inspect(engine).get_indexes("job_stats") if index["name"]}
+
+
+@pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
+def test_0008_turns_plans_into_json_records_and_back(empty_database_url: str, engine: Engine) -> None:
+    """Plans stored as text become JSON records (notes nested, offload_mode renamed rung, out-of-memory
+    attempts counted), and back."""
+    migrate.upgrade(empty_database_url, "0007")
+    insert_old_rows(engine)
+
+    migrate.upgrade(empty_database_url, "0008")
+    with Session(engine) as session:
+        for job_id, (mode, _plan, record, ran_out) in ROWS.items():
+            stats = session.get_one(JobStats, job_id)
+            assert (stats.rung, stats.plan, stats.oom_attempts) == (mode, record, ran_out), job_id
+    assert stats_indexes(engine) == {"ix_job_stats_recorded_at"}
+    (foreign_key,) = inspect(engine).get_foreign_keys("job_stats")
+    assert foreign_key["options"].get("ondelete") == "CASCADE"
+    plan_type = {c["name"]: c["type"] for c in inspect(engine).get_columns("job_stats")}["plan"]
+    assert type(plan_type).__name__ == ("JSONB" if engine.dialect.name == "postgresql" else "JSON")
+
+    migrate.downgrade(empty_database_url, "0007")
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT job_id, offload_mode, plan FROM job_stats")).all()
+    old = {job_id: (mode, json.loads(plan) if plan else None) for job_id, mode, plan in rows}
+    assert old == {
+        "job-notes": ("te_streamed", OLD_PLAN),
+        "job-exhausted": ("exhausted", EXHAUSTED_PLAN),
+        "job-no-plan": ("none", None),
+        "job-not-json": ("none", None),  # text that was never a plan does not come back
+    }
+    assert stats_indexes(engine) == {"ix_job_stats_recorded_at"}

@@ -1,6 +1,8 @@
 """The Celery app for one GPU: solo pool, one job at a time, the pipeline loaded once at start.
 
-Start it with `nightrender worker` (or `celery -A worker.celery_app worker -P solo -c 1`).
+Start it with `nightrender worker` (or `celery -A worker.celery_app worker -P solo -c 1`). Importing
+this module builds nothing: the settings are read when Celery first needs its configuration, and the
+process's resources (a `WorkerContext`) are built in `worker_init` and closed in `worker_shutdown`.
 """
 
 from __future__ import annotations
@@ -8,73 +10,105 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import worker_init, worker_shutdown
 
-from jobs.calibration import recent_plan_peaks
-from jobs.db import make_engine, make_session_factory
-from jobs.queue import RENDER_TASK, make_celery
-from jobs.settings import get_settings
+from jobs.queue import RENDER_TASK, broker_transport_options, publisher_config
+from jobs.settings import Settings, get_settings
+from worker.context import WorkerContext
 from worker.engine import EngineError
-from worker.runner import EngineHolder, JobRunner
 
 log = logging.getLogger(__name__)
 
-settings = get_settings()
-app: Celery = make_celery(settings, name="nightrender-worker")
-app.conf.worker_hijack_root_logger = False
 
-_factory = None
-_runner: JobRunner | None = None
+def worker_config(settings: Settings) -> dict[str, object]:
+    """The publisher's settings plus the worker's own: one job at a time, acknowledged once it is done."""
+    transport = {
+        **broker_transport_options(settings),
+        "queue_order_strategy": "priority",
+        # Sweep for messages past their visibility timeout often enough to matter (kombu's default
+        # throttle makes it one scan in ~100 s); duplicates are harmless, the claim refuses them.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        **publisher_config(settings),
+        "broker_transport_options": transport,
+        # Above the longest job; Celery reads it from both option sets, so both carry it.
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,
+        "worker_pool": "solo",
+        "worker_hijack_root_logger": False,
+    }
 
 
-def session_factory() -> Any:
-    """The process's database sessions, built on first use (an engine never crosses a fork)."""
-    global _factory
-    if _factory is None:
-        _factory = make_session_factory(make_engine(settings.resolved_database_url()))
-    return _factory
+class RenderTask(Task):  # type: ignore[misc]
+    """The render task's base class: the task reaches the process's resources through `worker_context`."""
+
+    _worker_context: WorkerContext | None = None
+
+    @property
+    def worker_context(self) -> WorkerContext:
+        """This process's resources, attached once the worker has started."""
+        if self._worker_context is None:
+            raise RuntimeError("no worker context: it is built in worker_init, when a worker starts")
+        return self._worker_context
+
+    def attach(self, context: WorkerContext) -> None:
+        """Give the task this process's resources (once, in `worker_init`)."""
+        self._worker_context = context
+
+    def detach(self) -> WorkerContext | None:
+        """Take the resources back (at shutdown); None if the worker never finished starting."""
+        context, self._worker_context = self._worker_context, None
+        return context
 
 
-def past_peaks(model: str, device: str) -> list[Any]:
-    """Recorded plans and peaks, for calibrating the planner's activation estimates."""
-    with session_factory()() as session:
-        return recent_plan_peaks(session, model=model, device_name=device)
+app = Celery("nightrender-worker")
+app.add_defaults(lambda: worker_config(get_settings()))  # read when Celery first needs it, not at import
 
 
-_holder = EngineHolder(settings, history=past_peaks)
-
-
-def runner() -> JobRunner:
-    """The process's job runner."""
-    global _runner
-    if _runner is None:
-        _runner = JobRunner(settings, session_factory(), _holder)
-    return _runner
+@app.task(
+    bind=True,
+    base=RenderTask,
+    name=RENDER_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def render_job(self: RenderTask, job_id: str) -> str:
+    """Claim a job in SQL and render it; the image writer stores it. A duplicate delivery is a no-op."""
+    outcome = self.worker_context.runner.run(job_id)
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
 
 
 @worker_init.connect
-def load_pipeline_at_start(**_: Any) -> None:
-    """Load the worker's model before taking the first job, so no job pays for it."""
+def start_worker(**_: Any) -> None:
+    """Build the process's resources and load its model before the first job, so no job pays for it.
+
+    With the solo pool, the process that receives `worker_init` is the one that runs the tasks.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        _holder.get(settings.resolved_worker_model(), settings.worker_dtype)
-        runner().warm_up()  # placement and compilation for the queued sizes, before " ready."
+        context = WorkerContext.build(get_settings())  # refuses an unknown OFFLOAD_MODE
+        context.start()  # placement and compilation for the queued sizes, before " ready."
     except EngineError as error:
         log.error("nightrender worker cannot start: %s", error)
         raise SystemExit(2) from None
+    render_job.attach(context)
 
 
 @worker_shutdown.connect
-def write_rendered_images(**_: Any) -> None:
+def stop_worker(**_: Any) -> None:
     """Warm shutdown: images already rendered are written and committed before the process exits."""
-    if _runner is not None:
-        _runner.close()
-
-
-@app.task(name=RENDER_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def render_job(job_id: str) -> str:
-    """Claim a job in SQL and render it; the image writer stores it. A duplicate delivery is a no-op."""
-    outcome = runner().run(job_id)
-    log.info("job %s: %s", job_id, outcome)
-    return outcome
+    context = render_job.detach()
+    if context is not None:
+        context.close()

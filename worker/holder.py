@@ -8,11 +8,19 @@ from typing import Any
 
 from jobs.settings import Settings
 from worker.engine.budget import apply_device_cap, resolve_budget
-from worker.engine.calibration import DEFAULT_ACTIVATIONS, calibrated_scale, with_scale
+from worker.engine.costs import ActivationModel, Budget
 from worker.engine.engine import Engine
-from worker.engine.loading import LoadedPipeline, configure_attention, load_pipeline, pick_device
+from worker.engine.fitted_costs import DEFAULT_ACTIVATIONS, calibrated_scale, with_scale
+from worker.engine.loading import (
+    EngineError,
+    LoadedPipeline,
+    load_pipeline,
+    pick_device,
+    set_attention_backend,
+    set_vae_slicing,
+)
 from worker.engine.memory import device_name
-from worker.engine.plan import ActivationModel, Budget
+from worker.engine.modes import OFFLOAD_MODES
 from worker.engine.records import release_memory
 
 log = logging.getLogger(__name__)
@@ -36,6 +44,8 @@ class EngineHolder:
     """
 
     def __init__(self, settings: Settings, history: Callable[[str, str], list[Any]] | None = None) -> None:
+        if settings.offload_mode not in OFFLOAD_MODES:  # refused now, not after minutes of loading
+            raise EngineError(f"OFFLOAD_MODE must be one of {OFFLOAD_MODES}, got {settings.offload_mode!r}")
         self._settings = settings
         self._history = history
         self.engine: Engine | None = None
@@ -79,7 +89,8 @@ class EngineHolder:
 
     def _load(self, model: str, dtype: str, device: Any) -> LoadedPipeline:
         loaded = load_pipeline(model, dtype=dtype, cache_dir=self._settings.model_cache_dir, device=device)
-        configure_attention(loaded, self._settings.attention_backend, vae_slicing=self._settings.vae_slicing)
+        set_attention_backend(loaded, self._settings.attention_backend)
+        set_vae_slicing(loaded, self._settings.vae_slicing)
         return loaded
 
     def _activations(self, model: str, device: Any) -> ActivationModel:

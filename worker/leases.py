@@ -44,6 +44,7 @@ class LeaseKeeper:
         with self._lock:
             self._held[claim.job_id] = claim
             self._beaten_at[claim.job_id] = time.monotonic()
+            self._stopped.discard(claim.job_id)  # a flag left by an earlier attempt is not this one's
         self._ensure_running()
 
     def release(self, job_id: str) -> None:
@@ -70,7 +71,10 @@ class LeaseKeeper:
             alive = self._write(claim, step)
             if not alive:
                 with self._lock:
-                    self._stopped.add(claim.job_id)
+                    # The write ran outside the lock: by now the job may be released and claimed
+                    # again (a frozen worker re-claiming its own job); only this claim is stopped.
+                    if self._held.get(claim.job_id) is claim:
+                        self._stopped.add(claim.job_id)
 
     def _due(self, now: float) -> list[tuple[Claim, int | None]]:
         due: list[tuple[Claim, int | None]] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -27,9 +26,7 @@ from jobs.lifecycle import (
 from jobs.ordering import PassedOver, Preference, next_job_ids
 from jobs.params import GenerationParams
 from jobs.settings import Settings
-from worker.engine import EngineError, RenderCancelled, RenderRequest, RenderStats
-from worker.engine.loading import pick_device
-from worker.engine.memory import device_name
+from worker.engine import EngineError, RenderCancelled, RenderRecord, RenderRequest
 from worker.engine.records import LadderExhausted
 from worker.holder import EngineHolder
 from worker.leases import LeaseKeeper
@@ -51,13 +48,18 @@ def to_request(params: GenerationParams) -> RenderRequest:
     )
 
 
-def stats_columns(stats: RenderStats | None) -> dict[str, Any] | None:
-    """RenderStats as job_stats column values."""
-    if stats is None:
+# RenderRecord fields kept together in the JSON `plan` column rather than in columns of their own.
+IN_PLAN_COLUMN = frozenset({"plan", "attempts", "notes", "planned_for", "compiled"})
+
+
+def stats_columns(record: RenderRecord | None) -> dict[str, Any] | None:
+    """A render's record as job_stats column values: the one place it is serialised for storage."""
+    if record is None:
         return None
-    values = dataclasses.asdict(stats)
-    values.pop("phases", None)
-    return values
+    fields = (f.name for f in dataclasses.fields(record) if f.name not in IN_PLAN_COLUMN)
+    values = {name: getattr(record, name) for name in fields}
+    derived = {"predicted_peak_bytes": record.predicted_peak_bytes, "oom_attempts": record.oom_attempts}
+    return {**values, **derived, "plan": record.stored_plan()}
 
 
 class JobRunner:
@@ -156,7 +158,7 @@ class JobRunner:
         }
 
     def _render_claimed(self, claim: Claim, shared: SharedEncoding | None = None) -> str:
-        stats: RenderStats | None = None
+        stats: RenderRecord | None = None
         try:
             result, load_s = self._render(claim, shared)
             result.stats.load_s += load_s
@@ -168,7 +170,7 @@ class JobRunner:
         except RenderCancelled:
             outcome = self._store(cancel_running_job, claim, stats=stats_columns(stats)) or "cancelled"
         except LadderExhausted as error:
-            stats = exhausted_stats(error)
+            stats = error.record
             outcome = self._store(fail_job, claim, error=str(error), stats=stats_columns(stats)) or "failed"
         except EngineError as error:
             outcome = self._store(fail_job, claim, error=str(error), stats=None) or "failed"
@@ -188,18 +190,16 @@ class JobRunner:
         result = engine.render(request, on_step=self._step_writer(claim), embeds=embeds)
         if shared is not None:
             result.stats.encode_s = shared.seconds  # this job's share of the group's encoder pass
-            result.stats.plan = note_retry(
-                result.stats.plan, f"encoded with {shared.group} jobs", key="group"
-            )
+            result.stats.notes.group = shared.group
         if result.output_bad and claim.params.dtype == "fp16":
             log.warning("job %s: fp16 output was NaN or black; rendering again in bf16", claim.job_id)
             engine, reload_s = self._holder.get(claim.params.model, "bf16")
             result = engine.render(request, on_step=self._step_writer(claim))
             load_s += reload_s
-            result.stats.plan = note_retry(result.stats.plan, "fp16 output NaN or black; retried in bf16")
+            result.stats.notes.retry = "fp16 output NaN or black; retried in bf16"
         if result.output_bad:
             # Kept (the job did render), but said plainly in its stats rather than passed off as fine.
-            result.stats.plan = note_retry(result.stats.plan, "output is NaN or black", key="warning")
+            result.stats.notes.warnings.append("output is NaN or black")
         return result, load_s
 
     def _step_writer(self, claim: Claim) -> Any:
@@ -232,23 +232,6 @@ class QueuedSizes:
             sizes = with_retries(self._factory, lambda s: queued_sizes(s, model=model, dtype=dtype))
             self._cache[(model, dtype)] = (time.monotonic(), sizes)
         return sizes
-
-
-def exhausted_stats(error: LadderExhausted) -> RenderStats:
-    """Stats for a job that ran out of memory on every rung: which rungs were tried, and how."""
-    device = pick_device()
-    return RenderStats(
-        offload_mode="exhausted",
-        device_name=device_name(device),
-        plan=json.dumps({"rung": "exhausted", "attempts": error.attempts}),
-    )
-
-
-def note_retry(plan: str | None, note: str, key: str = "retry") -> str:
-    """Add a note (a retry, a warning) to a stored plan."""
-    record = json.loads(plan) if plan else {}
-    record[key] = note
-    return json.dumps(record)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import with_retries
 from jobs.lifecycle import Claim, fail_job, finish_job
-from worker.engine import RenderStats
+from worker.engine import RenderRecord
 from worker.leases import LeaseKeeper
 from worker.outputs import image_path, png_metadata, save_png_atomically
 
@@ -36,7 +36,7 @@ class RenderedImage:
 
     claim: Claim
     image: Image.Image
-    stats: RenderStats
+    stats: RenderRecord
     columns: dict[str, Any]
 
 

@@ -7,8 +7,6 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -26,7 +24,7 @@ from api.deps import (
     StatusCacheDep,
     closes_session,
 )
-from api.errors import invalid, not_found
+from api.errors import invalid, not_found, refusals_as_http
 from api.openapi import schema_ref
 from api.paging import DEFAULT_PAGE, PageCursor, PageLimit, page_or_422
 from api.schemas import (
@@ -40,14 +38,14 @@ from api.schemas import (
 )
 from api.submission import check_quota, expansion_errors, idempotency_for, parse_body, resolve_model
 from api.uploads import parse_prompt_file, typed_form_field
+from jobs import actions
 from jobs.batching import BatchCreate, ExpansionError, expand_batch
-from jobs.lifecycle import request_cancel, retry_jobs
 from jobs.pages import batch_jobs_page, batches_page
 from jobs.params import GenerationParams
-from jobs.queue import Publication, Publisher
+from jobs.queue import Publisher
 from jobs.settings import Settings
-from jobs.submit import IdempotencyConflict, Submission, publish_jobs, submit_batch
-from jobs.tables import Batch, Job
+from jobs.submit import IdempotencyConflict, Submission, submit_batch
+from jobs.tables import Batch
 from jobs.views import batch_view
 from jobs.webhooks import webhook_refusal_off_loop, webhook_status
 
@@ -185,10 +183,8 @@ async def _form_payload(request: Request) -> dict[str, Any]:
 
 def load_batch(session: SessionDep, batch_id: str, caller: Caller) -> Batch:
     """The caller's batch with this id, or a 404 (another key's batch is not found either)."""
-    batch = session.get(Batch, batch_id)
-    if batch is None or batch.owner != caller.owner:
-        raise not_found("batch", batch_id)
-    return batch
+    with refusals_as_http():
+        return actions.owned_batch(session, batch_id=batch_id, owner=caller.owner)
 
 
 @router.get("", response_model=BatchPage)
@@ -279,15 +275,8 @@ def retry_batch(
 ) -> dict[str, Any]:
     """Queue a fresh copy of every failed or cancelled job of the batch (each linked to its original)."""
     cache.clear()
-    try:
-        with factory() as session, session.begin():
-            batch = load_batch(session, batch_id, caller)
-            ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
-            created = retry_jobs(session, job_ids=ids)
-            priority = batch.priority
-    except IntegrityError:
-        raise HTTPException(status_code=409, detail=f"batch {batch_id} is being retried already") from None
-    publish_jobs(factory, publisher, [Publication(job_id=job_id, priority=priority) for job_id in created])
+    with refusals_as_http():
+        created = actions.retry_batch(factory, publisher, batch_id=batch_id, owner=caller.owner)
     return {"id": batch_id, "retried": len(created), "job_ids": created}
 
 
@@ -301,9 +290,7 @@ def cancel_batch(
 ) -> dict[str, Any]:
     """Cancel the batch's queued jobs at once and stop its running job at the next step."""
     cache.clear()
-    with factory() as session, session.begin():
-        load_batch(session, batch_id, caller)
-        ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
-        request_cancel(session, job_ids=ids)
+    with refusals_as_http():
+        actions.cancel_batch(factory, batch_id=batch_id, owner=caller.owner)
     with factory() as session:
         return batch_summary(session, load_batch(session, batch_id, caller))

@@ -7,7 +7,6 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
-from sqlalchemy.exc import IntegrityError
 
 from api.auth import Caller, CallerDep
 from api.deps import (
@@ -21,14 +20,13 @@ from api.deps import (
     StatusCacheDep,
     closes_session,
 )
-from api.errors import not_found
+from api.errors import not_found, refusals_as_http
 from api.schemas import CALLER_ERRORS, JobCreated, JobRetried, JobView, error_responses
 from api.submission import check_quota, expansion_errors, idempotency_for, resolve_model
+from jobs import actions
 from jobs.batching import ExpansionError, JobCreate, job_params
-from jobs.lifecycle import RETRYABLE, request_cancel, retry_jobs
-from jobs.queue import Publication
 from jobs.states import JobStatus
-from jobs.submit import IdempotencyConflict, publish_jobs, submit_job
+from jobs.submit import IdempotencyConflict, submit_job
 from jobs.tables import Job
 from jobs.views import job_view
 
@@ -75,10 +73,8 @@ def create_job(
 
 def load_job(session: SessionDep, job_id: str, caller: Caller) -> Job:
     """The caller's job with this id, or a 404 (another key's job is not found either)."""
-    job = session.get(Job, job_id)
-    if job is None or job.owner != caller.owner:
-        raise not_found("job", job_id)
-    return job
+    with refusals_as_http():
+        return actions.owned_job(session, job_id=job_id, owner=caller.owner)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
@@ -137,26 +133,9 @@ def retry_job(
 ) -> dict[str, Any]:
     """Queue a fresh copy of a failed or cancelled job, linked to it by `retry_of`."""
     cache.clear()
-    try:
-        created, priority = _retry_one(factory, job_id, caller)
-    except IntegrityError:
-        created = []
-    if not created:
-        raise HTTPException(status_code=409, detail=f"job {job_id} was already retried")
-    publish_jobs(factory, publisher, [Publication(job_id=created[0], priority=priority)])
-    return {"id": created[0], "retry_of": job_id, "status": JobStatus.QUEUED.value}
-
-
-def _retry_one(factory: FactoryDep, job_id: str, caller: Caller) -> tuple[list[str], int]:
-    """The new job's id (none if it was retried already) and the priority to publish it at."""
-    with factory() as session, session.begin():
-        job = load_job(session, job_id, caller)
-        if job.status not in RETRYABLE:
-            raise HTTPException(
-                status_code=409,
-                detail=f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried",
-            )
-        return retry_jobs(session, job_ids=[job_id]), job.priority
+    with refusals_as_http():
+        created = actions.retry_job(factory, publisher, job_id=job_id, owner=caller.owner)
+    return {"id": created, "retry_of": job_id, "status": JobStatus.QUEUED.value}
 
 
 @router.post(
@@ -169,8 +148,7 @@ def cancel_job(
 ) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""
     cache.clear()
-    with factory() as session, session.begin():
-        load_job(session, job_id, caller)
-        request_cancel(session, job_ids=[job_id])
+    with refusals_as_http():
+        actions.cancel_job(factory, job_id=job_id, owner=caller.owner)
     with factory() as session:
         return job_view(session, load_job(session, job_id, caller))

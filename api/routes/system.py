@@ -18,6 +18,7 @@ from api.schemas import CALLER_ERRORS, Health, Paused, QueueState, Resumed, Stat
 from jobs.controls import is_paused, set_paused
 from jobs.migrate import alembic_config
 from jobs.reconcile import reconcile_once
+from jobs.states import ACTIVE, JobStatus
 from jobs.tables import Job
 from jobs.views import stats_by_resolution
 
@@ -37,13 +38,13 @@ def get_queue(_caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     """Whether the queue is paused, and how many jobs are queued and running."""
     counts = dict(
         session.execute(
-            select(Job.status, func.count()).where(Job.status.in_(["queued", "running"])).group_by(Job.status)
+            select(Job.status, func.count()).where(Job.status.in_(ACTIVE)).group_by(Job.status)
         ).all()
     )
     return {
         "paused": is_paused(session),
-        "queued": counts.get("queued", 0),
-        "running": counts.get("running", 0),
+        "queued": counts.get(JobStatus.QUEUED, 0),
+        "running": counts.get(JobStatus.RUNNING, 0),
     }
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import redis
+from kombu.transport.redis import Channel
 from sqlalchemy import create_engine, func, select
 
 from cli.stack import Stack
@@ -102,7 +103,7 @@ async def submit_while_polling(base: str, body: bytes) -> tuple[httpx.Response, 
 def messages_per_job(queue: str) -> Counter[str]:
     """How many messages wait in the queue's priority lists for each task id."""
     client = redis.Redis.from_url(REDIS_URL)
-    names = [queue] + [f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS[1:]]
+    names = [queue] + [f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS[1:]]
     return Counter(json.loads(raw)["headers"]["id"] for name in names for raw in client.lrange(name, 0, -1))
 
 

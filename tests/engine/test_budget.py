@@ -10,7 +10,7 @@ import torch
 
 from worker.engine import budget as budget_module
 from worker.engine.budget import AUTO_HOST_RESERVE, apply_device_cap, parse_gigabytes, resolve_budget
-from worker.engine.plan import GB, Budget
+from worker.engine.costs import GB, Budget
 
 CPU = torch.device("cpu")
 CPU_DEVICE_BYTES = 1 << 62

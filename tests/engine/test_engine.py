@@ -21,10 +21,11 @@ from worker.engine import (
     RenderResult,
     render,
 )
-from worker.engine.calibration import DEFAULT_ACTIVATIONS
+from worker.engine.costs import Budget
+from worker.engine.fitted_costs import DEFAULT_ACTIVATIONS
 from worker.engine.loading import check_device_for, load_pipeline
-from worker.engine.offload import OFFLOAD_MODES, apply_offload
-from worker.engine.plan import Budget
+from worker.engine.modes import DIFFUSERS_MODES
+from worker.engine.offload import apply_offload
 from worker.engine.synthetic import COMPLETE_MARKER, ensure_saved, parameter_counts
 from worker.outputs import image_path, png_metadata, save_png_atomically
 from worker.runner import to_request
@@ -168,7 +169,7 @@ def test_apply_offload_rejects_an_unknown_mode(loaded: LoadedPipeline) -> None:
         apply_offload(loaded.pipeline, "disk", CPU)
 
 
-@pytest.mark.parametrize("mode", OFFLOAD_MODES)
+@pytest.mark.parametrize("mode", DIFFUSERS_MODES)
 def test_every_offload_mode_is_none_on_the_cpu(loaded: LoadedPipeline, mode: str) -> None:
     """On the CPU every diffusers offload mode comes down to none."""
     assert apply_offload(loaded.pipeline, mode, CPU) == "none"
@@ -188,8 +189,9 @@ def test_render_gives_an_image_of_the_requested_size(base: RenderResult) -> None
 def test_render_stats_on_the_cpu(base: RenderResult) -> None:
     """The primitive render records phases and host memory; device fields stay empty on the CPU."""
     stats = base.stats
-    assert (stats.device_name, stats.offload_mode) == ("cpu", "none")
+    assert (stats.device_name, stats.rung) == ("cpu", "none")
     assert (stats.plan, stats.predicted_peak_bytes, stats.vram_budget_bytes) == (None, None, None)
+    assert (stats.attempts, stats.notes.stored()) == ([], {})
     assert base.output_bad is False
     assert stats.peak_allocated_bytes is None
     assert stats.peak_reserved_bytes is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,8 @@ import torch
 
 from worker.engine import Engine, LadderExhausted, RenderRequest, load_pipeline, render
 from worker.engine.budget import apply_device_cap
-from worker.engine.calibration import DEFAULT_ACTIVATIONS
-from worker.engine.plan import GB, ActivationModel, Budget
+from worker.engine.costs import GB, ActivationModel, Budget
+from worker.engine.fitted_costs import DEFAULT_ACTIVATIONS
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
@@ -58,10 +57,9 @@ def test_a_real_oom_walks_the_ladder_and_memory_returns(cache: Path) -> None:
     big = RenderRequest("a lighthouse", 1024, 1024, 2, 0.0, seed=1)
     try:
         result = engine.render(big)
-        attempts = json.loads(result.stats.plan or "{}")["attempts"]
-        assert any(a["outcome"].startswith("out of memory") for a in attempts)
+        assert any(a.ran_out_of_memory for a in result.stats.attempts)
     except LadderExhausted as error:
-        assert all(a["outcome"].startswith("out of memory") for a in error.attempts)
+        assert all(a.ran_out_of_memory for a in error.attempts)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
     engine.place_on_host()

@@ -6,7 +6,6 @@ engine's current plan is on a chosen rung; everything else is the real pipeline.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,13 @@ from torch import nn
 
 from jobs.settings import Settings
 from worker.engine import Engine, EngineError, LadderExhausted, RenderCancelled, RenderRequest, render
-from worker.engine.calibration import DEFAULT_ACTIVATIONS
+from worker.engine.costs import ActivationModel, Budget
+from worker.engine.fitted_costs import DEFAULT_ACTIVATIONS
 from worker.engine.loading import load_pipeline
 from worker.engine.placement import PlannedPlacement, module_bytes
 from worker.engine.plan import (
     FRAGMENTATION_HEADROOM,
     TRANSFORMER_LOOKAHEAD,
-    ActivationModel,
-    Budget,
     Plan,
     plan_ladder,
     stream_buffers,
@@ -74,9 +72,8 @@ def fail_on(engine: Engine) -> Iterator[set[str]]:
 
 
 def attempts(result: RenderResult) -> list[dict[str, Any]]:
-    """The attempts stored with a result's plan."""
-    assert result.stats.plan is not None
-    return list(json.loads(result.stats.plan)["attempts"])
+    """The attempts as the job's stored record lists them."""
+    return list(result.stats.stored_plan()["attempts"])
 
 
 def streaming_plan(engine: Engine) -> Plan:
@@ -131,10 +128,11 @@ def test_engine_render_matches_the_primitive(engine: Engine, reference: np.ndarr
     result = engine.render(REQUEST)
     assert np.array_equal(np.array(result.image), reference)
     stats = result.stats
-    assert stats.offload_mode == "resident"
+    assert stats.rung == "resident" and stats.plan == engine.plan
     assert stats.vram_budget_bytes is None  # no allocator cap on the CPU
-    stored = json.loads(stats.plan or "")
-    assert stored["rung"] == "resident"
+    assert (stats.planned_for, stats.compiled) == ((64, 64), False)
+    stored = stats.stored_plan()
+    assert stored["rung"] == "resident" and stored["planned_for"] == [64, 64]
     assert (
         stats.predicted_peak_bytes
         == stored["predicted_peak_bytes"]
@@ -154,8 +152,9 @@ def test_oom_on_the_first_rung_renders_on_the_next(
     assert [a["rung"] for a in tried] == ["resident", "te_streamed"]
     assert tried[0]["outcome"] == "out of memory: injected on resident"
     assert tried[1]["outcome"] == "ok"
-    assert result.stats.offload_mode == "te_streamed"
-    assert json.loads(result.stats.plan or "")["text_encoder_streamed"] is True
+    assert result.stats.rung == "te_streamed"
+    assert result.stats.oom_attempts == 1
+    assert result.stats.stored_plan()["text_encoder_streamed"] is True
     assert np.array_equal(np.array(result.image), reference)
 
 
@@ -169,7 +168,7 @@ def test_oom_on_every_planned_rung_reaches_sequential(
     assert [a["rung"] for a in tried] == CPU_LADDER
     assert all(a["outcome"].startswith("out of memory") for a in tried[:-1])
     assert tried[-1]["outcome"] == "ok"
-    assert result.stats.offload_mode == "sequential"
+    assert result.stats.rung == "sequential"
     assert np.array_equal(np.array(result.image), reference)
 
 
@@ -180,14 +179,18 @@ def test_exhausted_ladder_lists_every_attempt_and_the_engine_survives(
     fail_on.update(CPU_LADDER)
     with pytest.raises(LadderExhausted, match="resource_exhausted") as raised:
         engine.render(REQUEST)
-    tried = raised.value.attempts
-    assert [a["rung"] for a in tried] == CPU_LADDER
-    assert [a["outcome"] for a in tried] == [f"out of memory: injected on {rung}" for rung in CPU_LADDER]
+    record = raised.value.record
+    assert (record.rung, record.device_name, record.plan) == ("exhausted", "cpu", None)
+    assert [a.plan.rung for a in record.attempts] == CPU_LADDER
+    assert [a.outcome for a in record.attempts] == [
+        f"out of memory: injected on {rung}" for rung in CPU_LADDER
+    ]
+    assert record.oom_attempts == len(CPU_LADDER)
     assert f"({len(CPU_LADDER)} attempts)" in str(raised.value)
     assert engine.plan is None
     fail_on.clear()
     result = engine.render(REQUEST)
-    assert result.stats.offload_mode == "resident"
+    assert result.stats.rung == "resident"
     assert np.array_equal(np.array(result.image), reference)
 
 
@@ -385,7 +388,7 @@ def test_engine_holder_renders(model_cache: Path, reference: np.ndarray) -> None
     holder = EngineHolder(Settings(model_cache_dir=model_cache, offload_mode="auto", worker_dtype="fp32"))
     held, _load_s = holder.get(TINY, "fp32")
     result = held.render(REQUEST)
-    assert result.stats.offload_mode == "resident"
+    assert result.stats.rung == "resident"
     assert np.array_equal(np.array(result.image), reference)
 
 

@@ -7,17 +7,16 @@ from dataclasses import replace
 
 import pytest
 
-from worker.engine.calibration import DEFAULT_ACTIVATIONS, DEFAULT_SPEED, calibrated_scale, with_scale
+from worker.engine.costs import GB, Budget, ModelSizes
+from worker.engine.fitted_costs import DEFAULT_ACTIVATIONS, DEFAULT_SPEED, calibrated_scale, with_scale
 from worker.engine.plan import (
     FRAGMENTATION_HEADROOM,
-    GB,
     TEXT_ENCODER_LOOKAHEAD,
     TRANSFORMER_LOOKAHEAD,
-    Budget,
-    ModelSizes,
     Plan,
     diffusers_plan,
     plan_ladder,
+    predicted_seconds,
     same_placement,
     stream_buffers,
     usable,
@@ -60,7 +59,7 @@ def ladder(gigabytes: float, width: int = 1024, height: int = 1024, host: int = 
 
 def seconds(plan: Plan, width: int = 1024, height: int = 1024) -> float:
     """The speed model's predicted seconds for one image under `plan`."""
-    return DEFAULT_SPEED.seconds(plan, ZIMAGE, width, height, STEPS)
+    return predicted_seconds(plan, DEFAULT_SPEED, ZIMAGE, width, height, STEPS)
 
 
 def expected_peak(width: int, height: int, *, resident: int, te_streamed: bool, tiled: bool) -> int:
@@ -497,42 +496,34 @@ def test_ladder_spreads_its_streamed_blocks() -> None:
 # calibration
 
 
-def record(weights: float, predicted: float) -> dict[str, object]:
-    """A stored plan with these resident weights and predicted peak, in GB."""
-    return {"resident_weight_bytes": int(weights * GB), "predicted_peak_bytes": int(predicted * GB)}
+def record(weights: float, predicted: float, measured: float) -> tuple[int, int, int]:
+    """A past job's resident weights, predicted peak and measured peak, given in GB."""
+    return int(weights * GB), int(predicted * GB), int(measured * GB)
 
 
 def test_calibrated_scale_is_the_ratio_of_measured_to_predicted_transients() -> None:
     """A transient 20% over its prediction scales activations by 1.2 (the weights are not scaled)."""
-    assert calibrated_scale([(record(10, 12), int(12.4 * GB))]) == pytest.approx(1.2)
+    assert calibrated_scale([record(10, 12, 12.4)]) == pytest.approx(1.2)
 
 
 def test_calibrated_scale_takes_the_worst_job() -> None:
     """Several jobs: the largest overrun wins, so the estimate stays safe for all of them."""
-    records = [(record(10, 12), int(12.2 * GB)), (record(4, 6), int(6.6 * GB)), (record(2, 3), 3 * GB)]
+    records = [record(10, 12, 12.2), record(4, 6, 6.6), record(2, 3, 3)]
     assert calibrated_scale(records) == pytest.approx(1.3)
 
 
 def test_calibrated_scale_is_clamped() -> None:
     """Ratios are kept within [0.8, 2.0]."""
-    assert calibrated_scale([(record(10, 12), int(10.2 * GB))]) == pytest.approx(0.8)
-    assert calibrated_scale([(record(10, 12), 20 * GB)]) == pytest.approx(2.0)
+    assert calibrated_scale([record(10, 12, 10.2)]) == pytest.approx(0.8)
+    assert calibrated_scale([record(10, 12, 20)]) == pytest.approx(2.0)
 
 
 def test_calibrated_scale_without_usable_records_is_one() -> None:
-    """No records, old plans without the fields, or peaks below the weights leave the estimate alone."""
+    """No records, plans without weights or prediction, or peaks below the weights change nothing."""
     assert calibrated_scale([]) == 1.0
-    assert calibrated_scale([({"rung": "none"}, 5 * GB)]) == 1.0
-    assert calibrated_scale([(record(10, 12), 9 * GB)]) == 1.0
-    assert calibrated_scale([(record(12, 12), 13 * GB)]) == 1.0
-
-
-def test_calibrated_scale_reads_back_a_plans_record() -> None:
-    """The keys Plan.record() stores are the ones calibration reads."""
-    plan = ladder(8)[0]
-    transient = plan.predicted_peak_bytes - plan.resident_weight_bytes
-    measured = plan.resident_weight_bytes + int(transient * 1.5)
-    assert calibrated_scale([(plan.record(), measured)]) == pytest.approx(1.5, rel=1e-6)
+    assert calibrated_scale([record(0, 0, 5)]) == 1.0
+    assert calibrated_scale([record(10, 12, 9)]) == 1.0
+    assert calibrated_scale([record(12, 12, 13)]) == 1.0
 
 
 # diffusers' own modes

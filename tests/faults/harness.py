@@ -12,10 +12,11 @@ from typing import Any
 
 import httpx
 import redis
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from cli.stack import Stack, redis_server_command, worker_command
+from jobs.db import make_database
 from jobs.settings import Settings
 from jobs.tables import Job, JobStats
 
@@ -80,7 +81,7 @@ class FaultStack:
         self.settings = settings
         self.stack = Stack(settings)
         self.http = httpx.Client(base_url=settings.resolved_api_url(), timeout=30)
-        self.engine = create_engine(settings.resolved_database_url(), pool_pre_ping=True)
+        self.database = make_database(settings.resolved_database_url())
         self.workers: list[str] = []
 
     def start(self, workers: int = 1) -> None:
@@ -91,6 +92,8 @@ class FaultStack:
 
     def start_worker(self, name: str) -> None:
         """Start (or restart) one named worker and wait until it is consuming."""
+        # Celery's " ready." line is the only readiness signal a worker gives (no state in SQL or the
+        # API says so); count them, since a restarted worker appends to the same log.
         if name not in self.workers:
             self.workers.append(name)
         log = self.stack.logs_dir / f"{name}.log"
@@ -127,7 +130,7 @@ class FaultStack:
     def statuses(self, job_ids: list[str]) -> dict[str, str]:
         """Each job's status, straight from SQL ("unknown" while the database is restarting)."""
         try:
-            with self.engine.connect() as connection:
+            with self.database.connect() as connection:
                 rows = connection.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
         except DBAPIError:
             return dict.fromkeys(job_ids, "unknown")
@@ -163,12 +166,12 @@ class FaultStack:
                 process.send_signal(signal.SIGCONT)
                 process.kill()
         self.stack.stop()
-        self.engine.dispose()
+        self.database.dispose()
 
 
 def assert_exactly_once(stack: FaultStack, job_ids: list[str]) -> dict[str, int]:
     """Every job succeeded once: one stats row and one image each, and no other file in the outputs."""
-    with stack.engine.connect() as connection:
+    with stack.database.connect() as connection:
         rows = connection.execute(
             select(Job.id, Job.status, Job.result_path, Job.attempts).where(Job.id.in_(job_ids))
         ).all()

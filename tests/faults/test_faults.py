@@ -127,16 +127,13 @@ def test_the_same_message_twice(make_stack: object) -> None:
     publisher = Publisher(stack.settings)
     publisher.publish([Publication(job_id=job_id, priority=0) for job_id in job_ids])
     stack.wait_finished(job_ids)
-    wait_until(lambda: publisher.queue_length() == 0, 60, "every message to be consumed")
-    logs = stack.worker_logs()
-    skipped, handed_back = logs.count(": skipped"), logs.count(": paused")
-    # Every delivery beyond the one that ran was refused by the claim; none rendered twice.
-    assert skipped >= len(job_ids) - handed_back
+    # The broker's own state: no message for these jobs is waiting or delivered and unacknowledged.
+    wait_until(lambda: not set(job_ids) & publisher.live_job_ids(), 60, "every message to be acknowledged")
     counts = assert_exactly_once(stack, job_ids)
+    # One claim per job (SQL's attempts) for two messages each: every extra delivery was acknowledged
+    # without a claim, and none rendered twice.
     assert counts["attempts"] == len(job_ids)
-    record(
-        "duplicate delivery", {**counts, "extra_messages": len(job_ids), "skipped": skipped, "duplicates": 0}
-    )
+    record("duplicate delivery", {**counts, "extra_messages": len(job_ids), "duplicates": 0})
 
 
 def test_visibility_timeout_shorter_than_a_job(make_stack: object) -> None:
@@ -146,6 +143,7 @@ def test_visibility_timeout_shorter_than_a_job(make_stack: object) -> None:
     stack.wait_finished(job_ids)
     counts = assert_exactly_once(stack, job_ids)
     assert counts["attempts"] == len(job_ids)
+    # Reported, not asserted: a refused redelivery leaves no state in SQL or the broker, only a log line.
     record(
         "visibility timeout < job", {**counts, "skipped_redeliveries": stack.worker_logs().count(": skipped")}
     )

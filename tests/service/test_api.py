@@ -13,7 +13,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, finish_job
 from jobs.params import GenerationParams
 from jobs.queue import Publisher
@@ -34,7 +34,7 @@ ZERO_COUNTS = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelle
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
     """A plain engine on the test's database, to check what the API stored."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield engine
     engine.dispose()
 
@@ -550,7 +550,7 @@ def stats_values(peak: int, denoise_s: float) -> dict[str, Any]:
     return {
         "peak_allocated_bytes": peak,
         "peak_reserved_bytes": peak * 2,
-        "offload_mode": "none",
+        "rung": "none",
         "encode_s": 0.5,
         "denoise_s": denoise_s,
         "decode_s": 0.25,
@@ -583,7 +583,7 @@ def test_stats_aggregate_finished_jobs(api_client: TestClient, engine: Engine) -
     rows = api_client.get("/v1/stats").json()["rows"]
     assert len(rows) == 1
     row = rows[0]
-    assert (row["width"], row["height"], row["offload_mode"], row["device_name"]) == (
+    assert (row["width"], row["height"], row["rung"], row["device_name"]) == (
         96,
         64,
         "none",
@@ -595,6 +595,31 @@ def test_stats_aggregate_finished_jobs(api_client: TestClient, engine: Engine) -
     assert row["peak_reserved_bytes_mean"] == 400
     assert row["denoise_seconds_mean"] == pytest.approx(2.0)
     assert row["seconds_per_image_mean"] == pytest.approx(3.0)
+
+
+def test_a_jobs_memory_holds_its_rung_and_its_record_as_an_object(
+    api_client: TestClient, engine: Engine
+) -> None:
+    """`memory.plan` is the stored record itself (a JSON object, not JSON text inside JSON)."""
+    record: dict[str, Any] = {
+        "rung": "stream",
+        "attempts": [{"plan": "stream", "rung": "stream", "outcome": "ok", "seconds": 1.5}],
+    }
+    record |= {"predicted_peak_bytes": 12_884_901_888, "notes": {"group": 3}}
+    factory = make_session_factory(engine)
+    params = GenerationParams(prompt="a red fox", width=64, height=64, steps=2, seed=1, model=MODEL)
+    with transaction(factory) as session:
+        job_id = insert_job(session, params=params, priority=0, max_attempts=3).job_ids[0]
+    with transaction(factory) as session:
+        claim = claim_job(session, job_id=job_id)
+        assert claim is not None
+        values = {**stats_values(100, 1.0), "rung": "stream", "plan": record}
+        assert finish_job(
+            session, job_id=job_id, lease_token=claim.lease_token, result_path="/x.png", stats=values
+        )
+    memory = api_client.get(f"/v1/jobs/{job_id}").json()["memory"]
+    assert (memory["rung"], memory["plan"], memory["oom_attempts"]) == ("stream", record, 0)
+    assert api_client.get("/v1/stats").json()["rows"][0]["rung"] == "stream"
 
 
 def test_status_answers_are_reused_for_a_second_and_dropped_on_change(

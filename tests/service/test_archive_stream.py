@@ -24,7 +24,7 @@ from api.app import create_app
 from api.archive import stream_archive
 from cli.client import Client
 from cli.stack import Stack
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, fail_job, finish_job
 from jobs.params import GenerationParams
 from jobs.settings import Settings
@@ -37,7 +37,7 @@ PARAMS = GenerationParams(prompt="a red fox", width=64, height=64, steps=2, seed
 STATS = {
     "peak_allocated_bytes": 1000,
     "peak_reserved_bytes": 2000,
-    "offload_mode": "none",
+    "rung": "none",
     "device_name": "test-device",
     "torch_version": "2.x",
     "diffusers_version": "0.x",
@@ -47,7 +47,7 @@ STATS = {
 @pytest.fixture
 def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """Sessions on the test's database, to leave jobs the way the worker does."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield make_session_factory(engine)
     engine.dispose()
 

@@ -14,11 +14,12 @@ import pytest
 import redis
 from kombu import Message
 from kombu.exceptions import OperationalError
+from kombu.transport.redis import Channel
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from jobs.db import make_engine, make_session_factory
+from jobs.db import make_database, make_session_factory
 from jobs.queue import PIPELINE_MESSAGES, PRIORITY_STEPS, RENDER_TASK, Publication, Publisher, make_celery
 from jobs.reconcile import reconcile_once
 from jobs.settings import Settings
@@ -33,7 +34,7 @@ HOUR_S = 3600.0
 @pytest.fixture
 def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """Sessions on the test's database."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield make_session_factory(engine)
     engine.dispose()
 
@@ -45,7 +46,7 @@ def publications(count: int) -> list[Publication]:
 
 def list_name(queue: str, step: int) -> str:
     """The Redis list kombu keeps for one priority step of a queue."""
-    return queue if step == 0 else f"{queue}\x06\x16{step}"
+    return queue if step == 0 else f"{queue}{Channel.sep}{step}"
 
 
 def raw_messages(queue: str) -> dict[str, tuple[int, dict[str, Any]]]:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import (
     claim_job,
     fail_if_exhausted,
@@ -41,7 +41,7 @@ PARAMS = GenerationParams(
 STATS = {
     "peak_allocated_bytes": 123_456,
     "peak_reserved_bytes": 234_567,
-    "offload_mode": "none",
+    "rung": "none",
     "denoise_s": 1.25,
     "device_name": "test-device",
     "torch_version": "2.x",
@@ -53,7 +53,7 @@ STALE_AFTER_S = 120.0
 @pytest.fixture
 def factory(database_url: str) -> Iterator[sessionmaker[Session]]:
     """A session factory on a migrated database of the test's backend."""
-    engine = make_engine(database_url)
+    engine = make_database(database_url)
     yield make_session_factory(engine)
     engine.dispose()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -14,7 +13,7 @@ from sqlalchemy import Engine, select, update
 
 from api.app import create_app
 from jobs.controls import set_paused
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, fail_job, finish_job
 from jobs.params import GenerationParams
 from jobs.settings import Settings
@@ -32,7 +31,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
     """A plain engine on the test's database, to write the rows the metrics must reflect."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield engine
     engine.dispose()
 
@@ -54,12 +53,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
-def stats(peak: int, denoise_s: float, mode: str = "resident", **extra: Any) -> dict[str, Any]:
+def stats(peak: int, denoise_s: float, rung: str = "resident", **extra: Any) -> dict[str, Any]:
     """JobStats columns as a worker records them."""
     return {
         "peak_allocated_bytes": peak // 2,
         "peak_reserved_bytes": peak,
-        "offload_mode": mode,
+        "rung": rung,
         "load_s": 0.0,
         "encode_s": 0.2,
         "denoise_s": denoise_s,
@@ -73,12 +72,13 @@ def stats(peak: int, denoise_s: float, mode: str = "resident", **extra: Any) -> 
     }
 
 
-def oom_plan(rungs: list[str], last_ok: bool) -> str:
-    """A stored plan whose attempts ran out of memory on `rungs` (then succeeded on one more, or not)."""
+def ran_out(rungs: list[str], last_ok: bool) -> dict[str, Any]:
+    """The record and count of attempts that ran out of memory on `rungs` (then one succeeded, or none)."""
     attempts = [{"plan": rung, "rung": rung, "outcome": OOM, "seconds": 0.1} for rung in rungs]
     if last_ok:
         attempts.append({"plan": "stream", "rung": "stream", "outcome": "ok", "seconds": 1.0})
-    return json.dumps({"rung": "stream" if last_ok else "exhausted", "attempts": attempts})
+    record = {"rung": "stream" if last_ok else "exhausted", "attempts": attempts}
+    return {"plan": record, "oom_attempts": len(rungs)}
 
 
 def add_jobs(engine: Engine, count: int, width: int = 64, height: int = 64) -> list[str]:
@@ -108,7 +108,7 @@ def finish(engine: Engine, job_id: str, values: dict[str, Any]) -> None:
 def exhaust(engine: Engine, job_id: str, rungs: list[str]) -> None:
     """Claim a job and fail it as a worker does when every rung ran out of memory."""
     token = claim(engine, job_id)
-    values = stats(0, 0.0, mode="exhausted", peak_reserved_bytes=None, plan=oom_plan(rungs, last_ok=False))
+    values = stats(0, 0.0, rung="exhausted", peak_reserved_bytes=None, **ran_out(rungs, last_ok=False))
     with transaction(make_session_factory(engine)) as session:
         assert fail_job(session, job_id=job_id, lease_token=token, error="resource_exhausted", stats=values)
 
@@ -150,10 +150,8 @@ def test_phase_times_peak_vram_and_oom_retries(api_client: TestClient, engine: E
     small = add_jobs(engine, 2, 64, 64)
     large = add_jobs(engine, 2, 128, 96)
     finish(engine, small[0], stats(1000, 0.4))
-    finish(engine, small[1], stats(3000, 2.0))
-    finish(
-        engine, large[0], stats(8000, 7.0, mode="stream", plan=oom_plan(["resident", "te_streamed"], True))
-    )
+    finish(engine, small[1], stats(3000, 2.0, **ran_out([], last_ok=True)))  # ran out on no rung
+    finish(engine, large[0], stats(8000, 7.0, rung="stream", **ran_out(["resident", "te_streamed"], True)))
     exhaust(engine, large[1], ["resident", "stream", "sequential"])
 
     samples = scrape(api_client)
@@ -167,11 +165,11 @@ def test_phase_times_peak_vram_and_oom_retries(api_client: TestClient, engine: E
     assert value(samples, bucket, phase="denoise", le="+Inf") == 3
     assert value(samples, "nightrender_recent_job_phase_seconds_gsum", phase="decode") == pytest.approx(0.9)
 
-    vram = {"size": "64x64", "offload_mode": "resident"}
+    vram = {"size": "64x64", "rung": "resident"}
     assert value(samples, "nightrender_recent_job_peak_reserved_max_bytes", **vram) == 3000
     assert value(samples, "nightrender_recent_job_peak_reserved_mean_bytes", **vram) == 2000
     assert value(samples, "nightrender_recent_jobs", **vram) == 2
-    streamed = {"size": "128x96", "offload_mode": "stream"}
+    streamed = {"size": "128x96", "rung": "stream"}
     assert value(samples, "nightrender_recent_job_peak_reserved_max_bytes", **streamed) == 8000
 
     # Recovered: 2 rungs ran out, both retried. Exhausted: 3 ran out, the last had nothing left to try.
@@ -190,7 +188,7 @@ def test_recent_window_holds_only_the_newest_jobs(settings: Settings, engine: En
         create_app(settings.model_copy(update={"metrics_recent_jobs": 2}), reconcile=False)
     ) as client:
         samples = scrape(client)
-    vram = {"size": "64x64", "offload_mode": "resident"}
+    vram = {"size": "64x64", "rung": "resident"}
     assert value(samples, "nightrender_recent_jobs", **vram) == 2
     assert value(samples, "nightrender_recent_job_peak_reserved_max_bytes", **vram) == 2000
 

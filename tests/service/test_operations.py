@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine, make_session_factory, transaction, with_retries
+from jobs.db import make_database, make_session_factory, transaction, with_retries
 from jobs.lifecycle import (
     PARAM_FIELDS,
     cancel_running_job,
@@ -39,13 +39,13 @@ MODEL = "synthetic:tiny"
 SMALL = {"width": 64, "height": 64, "steps": 2, "model": MODEL}
 PARAMS = GenerationParams(prompt="a red fox", width=64, height=64, steps=2, seed=7, model=MODEL)
 HOUR_S = 3600.0
-STATS = {"offload_mode": "none", "device_name": "test", "torch_version": "2.x", "diffusers_version": "0.x"}
+STATS = {"rung": "none", "device_name": "test", "torch_version": "2.x", "diffusers_version": "0.x"}
 
 
 @pytest.fixture
 def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """A session factory on the same database the API uses."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield make_session_factory(engine)
     engine.dispose()
 
@@ -495,7 +495,7 @@ def test_each_attempt_writes_its_own_image_file(factory: sessionmaker[Session], 
 
 def test_with_retries_does_not_wait_on_a_schema_mistake(database_url: str) -> None:
     """An OperationalError that is no outage (a missing table) is raised at once, not retried."""
-    factory = make_session_factory(make_engine(database_url))
+    factory = make_session_factory(make_database(database_url))
     calls = 0
 
     def broken(_session: Session) -> None:

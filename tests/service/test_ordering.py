@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job
 from jobs.ordering import PassedOver, Preference, next_job_ids
 from jobs.params import GenerationParams
@@ -48,7 +48,7 @@ def like(size: tuple[int, int]) -> Preference:
 @pytest.fixture
 def factory(database_url: str) -> Iterator[sessionmaker[Session]]:
     """A session factory on a migrated database of the test's backend."""
-    engine = make_engine(database_url)
+    engine = make_database(database_url)
     yield make_session_factory(engine)
     engine.dispose()
 

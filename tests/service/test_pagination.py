@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, fail_job, retry_jobs
 from jobs.pages import BATCHES_LIST, encode_cursor
 from jobs.settings import Settings
@@ -27,7 +27,7 @@ SMALL = {"width": 64, "height": 64, "steps": 2, "model": "synthetic:tiny"}
 @pytest.fixture
 def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """Sessions on the test's database, to set up jobs the way the worker leaves them."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield make_session_factory(engine)
     engine.dispose()
 

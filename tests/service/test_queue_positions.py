@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Engine, and_, event, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job
 from jobs.params import GenerationParams
 from jobs.positions import QueueSnapshot
@@ -45,7 +45,7 @@ class Clock:
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
     """An engine on the test's migrated database."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield engine
     engine.dispose()
 

@@ -6,7 +6,6 @@ hook a test adds is removed before it ends.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from jobs.controls import set_paused
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import request_cancel
 from jobs.params import GenerationParams
 from jobs.settings import Settings
@@ -49,7 +48,7 @@ def params(dtype: str = "bf16") -> GenerationParams:
 @pytest.fixture
 def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """A session factory on the test's migrated database."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield make_session_factory(engine)
     engine.dispose()
 
@@ -94,11 +93,10 @@ def stats_row(factory: sessionmaker[Session], job_id: str) -> JobStats | None:
 
 
 def stored_plan(factory: sessionmaker[Session], job_id: str) -> dict[str, Any]:
-    """The job's stored plan JSON."""
+    """The job's stored record (the JSON plan column)."""
     stats = stats_row(factory, job_id)
     assert stats is not None and stats.plan is not None
-    record: dict[str, Any] = json.loads(stats.plan)
-    return record
+    return stats.plan
 
 
 def nan_like(value: Any) -> Any:
@@ -131,10 +129,11 @@ def test_normal_job_succeeds_with_png_and_stats(
         assert image.format == "PNG" and image.size == (64, 64)
         assert image.text["nightrender:job_id"] == job_id  # type: ignore[attr-defined]
     stats = stats_row(factory, job_id)
-    assert stats is not None and stats.offload_mode == "resident"
+    assert stats is not None and (stats.rung, stats.oom_attempts) == ("resident", 0)
     plan = stored_plan(factory, job_id)
+    assert plan["rung"] == "resident" and plan["predicted_peak_bytes"] == stats.predicted_peak_bytes
     assert plan["attempts"] and plan["attempts"][-1]["outcome"] == "ok"
-    assert "retry" not in plan
+    assert "notes" not in plan
 
 
 def test_fp16_nan_output_is_rendered_again_in_bf16(
@@ -159,11 +158,27 @@ def test_fp16_nan_output_is_rendered_again_in_bf16(
     job = job_row(factory, job_id)
     assert job.status == "succeeded" and job.result_path and Path(job.result_path).is_file()
     plan = stored_plan(factory, job_id)
-    assert "bf16" in plan["retry"]
+    assert "bf16" in plan["notes"]["retry"]
+    assert "warnings" not in plan["notes"]  # the bf16 render was fine
     assert plan["attempts"][-1]["outcome"] == "ok"
     assert holder.engine is not None and holder.engine is not fp16
     assert holder.engine.loaded.dtype == "bf16"
     assert holder.loads == 2
+
+
+def test_bad_bf16_output_is_kept_with_a_warning(
+    runner: JobRunner, holder: EngineHolder, factory: sessionmaker[Session]
+) -> None:
+    """NaN output in bf16 has nothing to fall back to: the job succeeds and its record warns of it."""
+    job_id = new_job(factory)
+    bf16, _load_s = holder.get(TINY, "bf16")
+    handle = bf16.loaded.pipeline.transformer.register_forward_hook(lambda _m, _a, output: nan_like(output))
+    try:
+        assert run_to_end(runner, job_id) == "rendered"
+    finally:
+        handle.remove()
+    assert job_row(factory, job_id).status == "succeeded"
+    assert stored_plan(factory, job_id)["notes"] == {"warnings": ["output is NaN or black"]}
 
 
 def test_exhausted_ladder_fails_the_job_and_the_worker_lives_on(
@@ -186,7 +201,8 @@ def test_exhausted_ladder_fails_the_job_and_the_worker_lives_on(
     assert job.status == "failed" and job.result_path is None
     assert job.error is not None and job.error.startswith("resource_exhausted")
     stats = stats_row(factory, job_id)
-    assert stats is not None and stats.offload_mode == "exhausted"
+    assert stats is not None and stats.rung == "exhausted" and stats.device_name == "cpu"
+    assert stats.oom_attempts == len(rungs)
     plan = stored_plan(factory, job_id)
     assert plan["rung"] == "exhausted"
     assert [a["rung"] for a in plan["attempts"]] == rungs
@@ -236,7 +252,7 @@ def test_queued_jobs_share_one_text_encoder_pass(runner: JobRunner, factory: ses
     assert run_to_end(runner, ids[0]) == "rendered (+2 grouped)"
     for job_id in ids:
         assert job_row(factory, job_id).status == "succeeded"
-        assert stored_plan(factory, job_id)["group"] == "encoded with 3 jobs"
+        assert stored_plan(factory, job_id)["notes"] == {"group": 3}
     assert runner.run(ids[1]) == "skipped"
 
 
@@ -249,10 +265,10 @@ def test_a_retried_job_runs_alone(runner: JobRunner, factory: sessionmaker[Sessi
     assert run_to_end(runner, crashed) == "rendered"  # the message wakes the worker; fresh work goes first
     assert job_row(factory, fresh).status == "succeeded"
     assert job_row(factory, crashed).status == "queued"
-    assert "group" not in stored_plan(factory, fresh)
+    assert "notes" not in stored_plan(factory, fresh)
     assert run_to_end(runner, crashed) == "rendered"
     assert job_row(factory, crashed).status == "succeeded" and job_row(factory, crashed).attempts == 2
-    assert "group" not in stored_plan(factory, crashed)
+    assert "notes" not in stored_plan(factory, crashed)
 
 
 def test_an_odd_size_job_waits_at_most_the_reorder_wait(

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.keys import add_key, revoke_key
 from jobs.queue import Publisher
 from jobs.settings import Settings
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
     """A plain engine on the test's database."""
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_database(settings.resolved_database_url())
     yield engine
     engine.dispose()
 

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from jobs.db import make_engine, make_session_factory, transaction
+from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, fail_job, finish_job
 from jobs.queue import Publisher
 from jobs.settings import Settings
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=Tr
 
 SECRET = "test-webhook-secret-0123456789abcdef"
 SMALL = {"width": 64, "height": 64, "steps": 2, "model": "synthetic:tiny"}
-STATS = {"offload_mode": "none", "device_name": "test", "torch_version": "2.x", "diffusers_version": "0.x"}
+STATS = {"rung": "none", "device_name": "test", "torch_version": "2.x", "diffusers_version": "0.x"}
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def client(hook_settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture
 def factory(hook_settings: Settings) -> Iterator[sessionmaker[Session]]:
     """A session factory on the test's database, as the API process has."""
-    engine = make_engine(hook_settings.resolved_database_url())
+    engine = make_database(hook_settings.resolved_database_url())
     yield make_session_factory(engine)
     engine.dispose()
 

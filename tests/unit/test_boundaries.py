@@ -1,4 +1,6 @@
-"""Import boundaries, checked in fresh interpreters: the API never loads torch, the engine no queue code."""
+"""Import boundaries, checked in fresh interpreters: `api -> jobs <- worker`; the API never loads torch, the
+engine no queue code.
+"""
 
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ def loaded_packages(imports: str) -> set[str]:
         ("import worker.engine", {"worker", "torch", "diffusers"}, {"sqlalchemy", "celery", "jobs", "api"}),
         ("import jobs", {"jobs"}, {"torch", "api", "worker"}),
         (IMPORT_ALL_JOBS, {"jobs", "sqlalchemy"}, {"torch", "diffusers", "api", "worker"}),
+        ("import worker.celery_app", {"worker", "jobs", "celery", "torch"}, {"api", "fastapi"}),
     ],
-    ids=["api.app", "worker.engine", "jobs", "jobs.*"],
+    ids=["api.app", "worker.engine", "jobs", "jobs.*", "worker.celery_app"],
 )
 def test_import_boundary(imports: str, expected: set[str], forbidden: set[str]) -> None:
     loaded = loaded_packages(imports)

@@ -8,8 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from jobs.batching import BatchCreate, ExpansionError, JobCreate, PromptItem, expand_batch, job_params
+from jobs.lifecycle import can_transition
 from jobs.params import MAX_SEED, GenerationParams
-from jobs.states import TERMINAL, JobStatus, batch_status, can_transition
+from jobs.states import TERMINAL, JobStatus, batch_status
 
 MODEL = "synthetic:tiny"
 

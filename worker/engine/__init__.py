@@ -8,12 +8,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from worker.engine.engine import Engine
 from worker.engine.loading import EngineError, LoadedPipeline, load_pipeline
-from worker.engine.records import LadderExhausted
+from worker.engine.records import LadderExhausted, RenderRecord
 from worker.engine.render import (
     RenderCancelled,
     RenderRequest,
     RenderResult,
-    RenderStats,
     render,
 )
 
@@ -23,9 +22,9 @@ __all__ = [
     "LadderExhausted",
     "LoadedPipeline",
     "RenderCancelled",
+    "RenderRecord",
     "RenderRequest",
     "RenderResult",
-    "RenderStats",
     "load_pipeline",
     "render",
 ]

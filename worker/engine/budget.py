@@ -7,7 +7,7 @@ import math
 import psutil
 import torch
 
-from worker.engine.plan import GB, Budget
+from worker.engine.costs import GB, Budget
 
 # What `auto` leaves free for the CUDA context, cuBLAS workspaces and other processes' growth.
 AUTO_DEVICE_RESERVE = int(0.75 * GB)

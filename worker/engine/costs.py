@@ -6,10 +6,6 @@ Pure data and arithmetic, no torch: the planner (plan.py) and its tests use thes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from worker.engine.plan import Plan
 
 GB = 1024**3
 
@@ -39,7 +35,7 @@ class ModelSizes:
 
 @dataclass(frozen=True)
 class ActivationModel:
-    """Bytes of activations per phase: base + per-pixel, fitted to measured peaks (see calibration.py)."""
+    """Bytes of activations per phase: base + per-pixel, fitted to measured peaks (see fitted_costs.py)."""
 
     encode_base: int
     denoise_base: int
@@ -65,9 +61,10 @@ class ActivationModel:
 
 @dataclass(frozen=True)
 class SpeedModel:
-    """Seconds a plan costs: compute per step, copies that compute cannot hide, encode and decode.
+    """What a plan's seconds are made of: compute per step, copies that compute cannot hide, encode and
+    decode (`plan.predicted_seconds` adds them up for one plan).
 
-    Constants come from calibration on a real card (calibration.py); they only rank plans, so a
+    Constants come from calibration on a real card (fitted_costs.py); they only rank plans, so a
     card twice as fast ranks them the same way.
     """
 
@@ -77,18 +74,6 @@ class SpeedModel:
     pageable_bytes_per_s: float
     decode_seconds_per_pixel: float
     tiled_decode_factor: float
-
-    def seconds(self, plan: Plan, sizes: ModelSizes, width: int, height: int, steps: int) -> float:
-        """Predicted seconds for one image under `plan`."""
-        pixels = width * height
-        bandwidth = self.pinned_bytes_per_s if plan.pin_host else self.pageable_bytes_per_s
-        streamed = sum(
-            b for i, b in enumerate(sizes.transformer_blocks) if i not in plan.transformer_resident
-        )
-        step = max(self.step_seconds_base + self.step_seconds_per_pixel * pixels, streamed / bandwidth)
-        encode = sum(sizes.text_encoder_blocks) / bandwidth if plan.text_encoder_streamed else 0.0
-        decode = self.decode_seconds_per_pixel * pixels * (self.tiled_decode_factor if plan.vae_tiled else 1)
-        return steps * step + encode + decode
 
 
 @dataclass(frozen=True)

@@ -7,37 +7,41 @@ pins tensors) and retries on the next rung. Every attempt is recorded with the j
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Literal, get_args
 
 import torch
 
-from worker.engine.calibration import DEFAULT_SPEED, compiled_activations, with_scale
 from worker.engine.compiled import graphs_compiled
+from worker.engine.costs import ActivationModel, Budget, SpeedModel
+from worker.engine.fitted_costs import DEFAULT_SPEED, compiled_activations, with_scale
 from worker.engine.loading import EngineError, LoadedPipeline
+from worker.engine.memory import device_name, peak_bytes
+from worker.engine.modes import OFFLOAD_MODES
 from worker.engine.offload import apply_offload
 from worker.engine.placement import PlannedPlacement, measure_sizes, set_vae_tiling
 from worker.engine.plan import (
     DIFFUSERS_RUNGS,
     PLANNED_RUNGS,
-    ActivationModel,
-    Budget,
     Plan,
-    SpeedModel,
     diffusers_plan,
     fit_to_size,
     placement_key,
     plan_ladder,
 )
-from worker.engine.records import Attempt, LadderExhausted, PlacementView, release_memory
+from worker.engine.records import (
+    EXHAUSTED,
+    OUT_OF_MEMORY,
+    Attempt,
+    LadderExhausted,
+    PlacementView,
+    RenderRecord,
+    release_memory,
+)
 from worker.engine.render import Embeds, RenderRequest, RenderResult, StepCallback, render
 
 log = logging.getLogger(__name__)
-EngineMode = Literal["auto", "stream", "none", "model", "sequential", "group"]
-ENGINE_MODES: tuple[str, ...] = get_args(EngineMode)
 # Each out-of-memory error raises the activation estimates by this factor, up to the cap.
 OOM_SCALE_STEP = 1.1
 OOM_SCALE_CAP = 2.0
@@ -63,8 +67,8 @@ class Engine:
         vae_tiling: str = "auto",
         compile: bool = False,
     ) -> None:
-        if mode not in ENGINE_MODES:
-            raise EngineError(f"offload mode must be one of {ENGINE_MODES}, got {mode!r}")
+        if mode not in OFFLOAD_MODES:
+            raise EngineError(f"offload mode must be one of {OFFLOAD_MODES}, got {mode!r}")
         if vae_tiling not in ("auto", "on", "off"):
             raise EngineError(f"vae tiling must be auto, on or off, got {vae_tiling!r}")
         self.loaded = loaded
@@ -208,14 +212,14 @@ class Engine:
             outcome = self._attempt(plan, request, on_step, embeds)
             if isinstance(outcome, RenderResult):
                 attempts.append(Attempt(plan, "ok", time.perf_counter() - started))
-                self._annotate(outcome, plan, attempts)
+                self._annotate(outcome.stats, plan, attempts)
                 return outcome
-            attempts.append(Attempt(plan, f"out of memory: {outcome}", time.perf_counter() - started))
+            attempts.append(Attempt(plan, f"{OUT_OF_MEMORY}: {outcome}", time.perf_counter() - started))
             log.warning("out of memory on %s; trying the next rung", plan.describe())
             self._estimate_higher()
             self.plan = None
             release_memory(self.device)
-        raise LadderExhausted([a.record() for a in attempts])
+        raise LadderExhausted(self._exhausted(attempts))
 
     def _estimate_higher(self) -> None:
         """After an out-of-memory error, plan later jobs with larger activation estimates.
@@ -251,21 +255,24 @@ class Engine:
             log.info("compiled %d graphs for %dx%d", result.stats.recompiles, request.width, request.height)
         return result
 
-    def _annotate(self, result: RenderResult, plan: Plan, attempts: list[Attempt]) -> None:
-        stats = result.stats
-        stats.load_s += self.unreported_load_s
+    def _annotate(self, record: RenderRecord, plan: Plan, attempts: list[Attempt]) -> None:
+        """Complete a render's record with the plan it ran on, every attempt and the placement's context."""
+        record.rung, record.plan, record.attempts = plan.rung, plan, attempts
+        self._add_context(record)
+
+    def _exhausted(self, attempts: list[Attempt]) -> RenderRecord:
+        """The record of a job that ran out of memory on every rung: each attempt and the last one's peak."""
+        record = RenderRecord(rung=EXHAUSTED, device_name=device_name(self.device), attempts=attempts)
+        record.peak_allocated_bytes, record.peak_reserved_bytes = peak_bytes(self.device)
+        self._add_context(record)
+        return record
+
+    def _add_context(self, record: RenderRecord) -> None:
+        # Reloads done while re-placing are charged to this job; the budget is a cap only on CUDA.
+        record.load_s += self.unreported_load_s
         self.unreported_load_s = 0.0
-        stats.offload_mode = plan.rung
-        stats.predicted_peak_bytes = plan.predicted_peak_bytes
-        stats.vram_budget_bytes = self.budget.device_bytes if self.device.type == "cuda" else None
-        record = {
-            **plan.record(),
-            "planned_for": list(self._planned_for) if self._planned_for else None,
-            "compiled": self.compile,
-            "recompiles": stats.recompiles,
-            "attempts": [a.record() for a in attempts],
-        }
-        stats.plan = json.dumps(record)
+        record.vram_budget_bytes = self.budget.device_bytes if self.device.type == "cuda" else None
+        record.planned_for, record.compiled = self._planned_for, self.compile
 
     def encode(
         self, prompts: list[str], negative: list[str] | None, guidance_scale: float, width: int, height: int

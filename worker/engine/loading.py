@@ -70,12 +70,17 @@ def load_pipeline(
     )
 
 
-def configure_attention(loaded: LoadedPipeline, backend: str, *, vae_slicing: bool) -> None:
-    """The VRAM-guide knobs that are not placement: the attention kernel and VAE slicing."""
-    if backend != "native":
-        try:
-            loaded.pipeline.transformer.set_attention_backend(backend)
-        except Exception as error:  # e.g. xformers not installed: say so, not crash mid-batch
-            raise EngineError(f"attention backend {backend!r} is not available: {error}") from None
-    if vae_slicing:
+def set_attention_backend(loaded: LoadedPipeline, backend: str) -> None:
+    """Run the transformer's attention on diffusers' `backend` kernel; "native" keeps PyTorch's SDPA."""
+    if backend == "native":
+        return
+    try:
+        loaded.pipeline.transformer.set_attention_backend(backend)
+    except Exception as error:  # e.g. xformers not installed: say so, not crash mid-batch
+        raise EngineError(f"attention backend {backend!r} is not available: {error}") from None
+
+
+def set_vae_slicing(loaded: LoadedPipeline, enabled: bool) -> None:
+    """Decode a batch one image at a time when enabled (the VRAM guide's other knob besides placement)."""
+    if enabled:
         loaded.pipeline.vae.enable_slicing()

@@ -1,20 +1,21 @@
-"""The diffusers offload modes a worker can be set to. The budgeted planner comes later."""
+"""diffusers' own offload modes, applied whole to a pipeline.
+
+The planner's budgeted placements (plan.py, placement.py) need none of them; the engine uses these
+when OFFLOAD_MODE names one, and `sequential` ends every ladder.
+"""
 
 from __future__ import annotations
-
-from typing import Literal, get_args
 
 import torch
 from diffusers import ZImagePipeline
 
-OffloadMode = Literal["none", "model", "sequential", "group"]
-OFFLOAD_MODES: tuple[str, ...] = get_args(OffloadMode)
+from worker.engine.modes import DIFFUSERS_MODES
 
 
 def apply_offload(pipeline: ZImagePipeline, mode: str, device: torch.device) -> str:
     """Place the pipeline for `mode`; returns the mode in effect (always "none" on the CPU)."""
-    if mode not in OFFLOAD_MODES:
-        raise ValueError(f"offload mode must be one of {OFFLOAD_MODES}, got {mode!r}")
+    if mode not in DIFFUSERS_MODES:
+        raise ValueError(f"offload mode must be one of {DIFFUSERS_MODES}, got {mode!r}")
     if device.type == "cpu" or mode == "none":
         pipeline.to(device)
         return "none"

@@ -10,7 +10,8 @@ from diffusers import ZImagePipeline
 from torch import nn
 
 from worker.engine.compiled import compile_blocks
-from worker.engine.plan import TEXT_ENCODER_LOOKAHEAD, TRANSFORMER_LOOKAHEAD, ModelSizes, Plan
+from worker.engine.costs import ModelSizes
+from worker.engine.plan import TEXT_ENCODER_LOOKAHEAD, TRANSFORMER_LOOKAHEAD, Plan
 from worker.engine.streaming import BlockStreamer, HostEmbedding
 
 # Tiles small enough that a 1536-pixel decode fits beside a few resident blocks.

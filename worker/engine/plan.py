@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from worker.engine.costs import GB, ActivationModel, Budget, ModelSizes, SpeedModel
+from worker.engine.costs import ActivationModel, Budget, ModelSizes, SpeedModel
+from worker.engine.modes import DIFFUSERS_MODES, DiffusersMode
 from worker.engine.spread import spread_resident
 
-__all__ = ["GB", "ActivationModel", "Budget", "ModelSizes", "Plan", "SpeedModel", "plan_ladder"]
-
-Rung = Literal["resident", "te_streamed", "stream", "stream_tiled", "sequential", "model", "group", "none"]
+# The planner's own placements, then diffusers' whole-pipeline modes (which end every ladder).
+Rung = Literal["resident", "te_streamed", "stream", "stream_tiled", DiffusersMode]
 PLANNED_RUNGS: tuple[Rung, ...] = ("resident", "te_streamed", "stream", "stream_tiled")
-DIFFUSERS_RUNGS: tuple[Rung, ...] = ("none", "model", "group", "sequential")
+DIFFUSERS_RUNGS: tuple[Rung, ...] = DIFFUSERS_MODES
 # The caching allocator fragments; keep this share of the cap free so a plan that "fits" really does.
 FRAGMENTATION_HEADROOM = 0.06
 # Blocks prefetched ahead of the one computing (BlockStreamer.lookahead); encoding is copy-bound, so
@@ -60,7 +60,7 @@ class Plan:
     transformer_blocks_total: int = 0
 
     def record(self) -> dict[str, object]:
-        """What the job's stats keep of the plan (calibration reads resident_weight_bytes back)."""
+        """The plan's fields in the job's stored record (jobs/peak_history.py reads the byte counts back)."""
         return {
             "rung": self.rung,
             "description": self.describe(),
@@ -219,6 +219,19 @@ def fit_to_size(
     return None
 
 
+def predicted_seconds(
+    plan: Plan, speed: SpeedModel, sizes: ModelSizes, width: int, height: int, steps: int
+) -> float:
+    """Predicted seconds for one image under `plan`: each step is as slow as its compute or its copies."""
+    pixels = width * height
+    bandwidth = speed.pinned_bytes_per_s if plan.pin_host else speed.pageable_bytes_per_s
+    streamed = sum(b for i, b in enumerate(sizes.transformer_blocks) if i not in plan.transformer_resident)
+    step = max(speed.step_seconds_base + speed.step_seconds_per_pixel * pixels, streamed / bandwidth)
+    encode = sum(sizes.text_encoder_blocks) / bandwidth if plan.text_encoder_streamed else 0.0
+    decode = speed.decode_seconds_per_pixel * pixels * (speed.tiled_decode_factor if plan.vae_tiled else 1)
+    return steps * step + encode + decode
+
+
 def plan_ladder(
     sizes: ModelSizes,
     acts: ActivationModel,
@@ -250,7 +263,7 @@ def plan_ladder(
         p for p in (stream, tiled) if p is not None and not any(same_placement(p, q) for q in ladder)
     ]
     if speed is not None:
-        candidates.sort(key=lambda p: speed.seconds(p, sizes, width, height, steps))
+        candidates.sort(key=lambda p: predicted_seconds(p, speed, sizes, width, height, steps))
     ladder += candidates
     if tiled is not None and tiled.transformer_resident:
         # One rung with every block streamed: what to fall back on when activations were underestimated.

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from worker.engine.budget import apply_device_cap, resolve_budget
-from worker.engine.calibration import DEFAULT_ACTIVATIONS
 from worker.engine.engine import Engine
+from worker.engine.fitted_costs import DEFAULT_ACTIVATIONS
 from worker.engine.loading import check_device_for, load_pipeline, pick_device
 from worker.engine.records import LadderExhausted
 from worker.engine.render import RenderRequest

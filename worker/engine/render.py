@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import diffusers
 import torch
 from PIL import Image
 
 from worker.engine.loading import LoadedPipeline
 from worker.engine.memory import device_memory, device_name, host_rss_bytes, peak_bytes, reset_for_job
+from worker.engine.records import RenderRecord
 
 # Called after each denoising step with (steps done, total); returning False stops the render.
 StepCallback = Callable[[int, int], bool]
@@ -36,49 +36,17 @@ class RenderRequest:
 
 
 @dataclass
-class RenderStats:
-    """What a job cost; the field names match the job_stats columns."""
-
-    offload_mode: str
-    device_name: str
-    torch_version: str = torch.__version__
-    diffusers_version: str = diffusers.__version__
-    peak_allocated_bytes: int | None = None
-    peak_reserved_bytes: int | None = None
-    device_total_bytes: int | None = None
-    device_used_start_bytes: int | None = None
-    device_free_start_bytes: int | None = None
-    device_used_end_bytes: int | None = None
-    device_free_end_bytes: int | None = None
-    host_rss_bytes: int | None = None
-    plan: str | None = None
-    predicted_peak_bytes: int | None = None
-    vram_budget_bytes: int | None = None
-    load_s: float = 0.0
-    encode_s: float = 0.0
-    denoise_s: float = 0.0
-    decode_s: float = 0.0
-    save_s: float = 0.0
-    # Seconds spent moving weights before this job, and whether any moved (a re-placement).
-    place_s: float = 0.0
-    placement_changed: bool = False
-    # Graphs compiled during this job (a new shape family); 0 once the compiled blocks are warm.
-    recompiles: int = 0
-    phases: dict[str, float] = field(default_factory=dict, repr=False)
-
-
-@dataclass
 class RenderResult:
-    """The image and what it cost."""
+    """The image and the record of its render (what it cost)."""
 
     image: Image.Image
-    stats: RenderStats
+    stats: RenderRecord
     # NaN latents or an all-black image: what fp16 overflow produces.
     output_bad: bool = False
 
 
 @contextmanager
-def timed(stats: RenderStats, phase: str, device: torch.device) -> Iterator[None]:
+def timed(stats: RenderRecord, phase: str, device: torch.device) -> Iterator[None]:
     """Time a phase into `stats.<phase>_s`, synchronising so queued GPU work is counted."""
     started = time.perf_counter()
     yield
@@ -106,7 +74,7 @@ def render(
     """
     device = loaded.device
     reset_for_job(device)
-    stats = RenderStats(offload_mode="none", device_name=device_name(device))
+    stats = RenderRecord(rung="none", device_name=device_name(device))
     _record_start(stats, device)
     with torch.inference_mode():
         with timed(stats, "encode", device):
@@ -128,7 +96,7 @@ def is_black(image: Image.Image) -> bool:
     return bool(high <= 2)  # type: ignore[operator]
 
 
-def _record_start(stats: RenderStats, device: torch.device) -> None:
+def _record_start(stats: RenderRecord, device: torch.device) -> None:
     memory = device_memory(device)
     if memory is not None:
         stats.device_total_bytes = memory.total
@@ -136,7 +104,7 @@ def _record_start(stats: RenderStats, device: torch.device) -> None:
         stats.device_free_start_bytes = memory.free
 
 
-def _record_end(stats: RenderStats, device: torch.device) -> None:
+def _record_end(stats: RenderRecord, device: torch.device) -> None:
     stats.peak_allocated_bytes, stats.peak_reserved_bytes = peak_bytes(device)
     memory = device_memory(device)
     if memory is not None:

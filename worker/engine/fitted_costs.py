@@ -1,13 +1,14 @@
-"""Activation and speed estimates, fitted to what bench/run_bench.py measured on an NVIDIA H200.
+"""The cost model's fitted constants: activation and speed estimates from bench/run_bench.py on an H200.
 
 Bytes = base + per_pixel x width x height, per phase, for Z-Image at bf16 with one image per call;
 each base is shifted up so every measured point is covered (see bench/results/h200.json,
-meta.calibration_points). Recorded job stats refine these at run time (plan.calibrated_scale), so a
-new card or driver corrects the estimate after a few jobs.
+meta.calibration_points). Recorded job stats refine these at run time (`calibrated_scale`, fed by
+jobs/peak_history.py), so a new card or driver corrects the estimate after a few jobs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 from worker.engine.costs import ActivationModel, SpeedModel
@@ -48,15 +49,13 @@ def with_scale(acts: ActivationModel, scale: float) -> ActivationModel:
     return replace(acts, scale=scale)
 
 
-def calibrated_scale(records: list[tuple[dict[str, object], int]]) -> float:
+def calibrated_scale(records: Iterable[tuple[int, int, int]]) -> float:
     """How far measured transients ran over predicted ones: max ratio over past jobs, kept in [0.8, 2].
 
-    Each record is (the plan as stored with the job, its measured peak allocated bytes).
+    Each record is a past job's (resident weight bytes, predicted peak bytes, measured peak allocated bytes).
     """
     ratios = []
-    for plan, measured in records:
-        weights = int(plan.get("resident_weight_bytes", 0) or 0)  # type: ignore[call-overload]
-        predicted = int(plan.get("predicted_peak_bytes", 0) or 0)  # type: ignore[call-overload]
+    for weights, predicted, measured in records:
         if predicted > weights and measured > weights:
             ratios.append((measured - weights) / (predicted - weights))
     return min(2.0, max(0.8, max(ratios))) if ratios else 1.0

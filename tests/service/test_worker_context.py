@@ -1,0 +1,72 @@
+"""The worker's process context on a real database with the tiny model: built once, started, closed warmly;
+and the worker's Celery settings, which extend the publisher's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.db import transaction
+from jobs.params import GenerationParams
+from jobs.queue import publisher_config
+from jobs.settings import Settings
+from jobs.submit import insert_job
+from jobs.tables import Job
+from worker.celery_app import worker_config
+from worker.context import WorkerContext
+from worker.engine import EngineError
+from worker.holder import EngineHolder
+
+pytestmark = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+
+
+def queued_job(context: WorkerContext) -> str:
+    """One small queued job on the tiny model."""
+    params = GenerationParams(
+        prompt="a lighthouse", width=64, height=64, steps=2, seed=5, model="synthetic:tiny"
+    )
+    with transaction(context.factory) as session:
+        return insert_job(session, params=params, priority=0, max_attempts=3).job_ids[0]
+
+
+def test_a_started_context_renders_and_closing_it_stores_the_image(settings: Settings) -> None:
+    context = WorkerContext.build(settings)
+    try:
+        context.start()
+        assert context.holder.loads == 1  # loaded at start, before any job
+        job_id = queued_job(context)
+        assert context.runner.run(job_id) == "rendered"
+    finally:
+        context.close()  # what worker_shutdown calls: the writer stores what is rendered first
+
+    with context.factory() as session:
+        job = session.get_one(Job, job_id)
+    assert job.status == "succeeded"
+    assert job.result_path is not None and Path(job.result_path).is_file()
+    assert context.holder.loads == 1
+
+
+def test_an_unknown_offload_mode_is_refused_before_any_model_loads(settings: Settings) -> None:
+    with pytest.raises(EngineError, match="OFFLOAD_MODE must be one of"):
+        EngineHolder(settings.model_copy(update={"offload_mode": "streamed"}))
+
+
+def test_the_worker_reads_the_queue_as_the_publisher_writes_it(settings: Settings) -> None:
+    published, worker = publisher_config(settings), worker_config(settings)
+    # Same broker, queue and serializer; the same priority lists and visibility timeout, extended.
+    assert {key: worker[key] for key in published if key != "broker_transport_options"} == {
+        key: value for key, value in published.items() if key != "broker_transport_options"
+    }
+    transport = worker["broker_transport_options"]
+    assert isinstance(transport, dict)
+    assert transport.items() >= published["broker_transport_options"].items()  # type: ignore[attr-defined]
+    # One job at a time, acknowledged only once it is done; none of it is the publisher's business.
+    assert (worker["worker_pool"], worker["worker_concurrency"], worker["worker_prefetch_multiplier"]) == (
+        "solo",
+        1,
+        1,
+    )
+    assert worker["task_acks_late"] is True and worker["task_reject_on_worker_lost"] is True
+    assert not {key for key in published if key.startswith(("worker_", "task_acks", "task_reject"))}
