@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, create_engine, event
+from sqlalchemy import Result as QueryResult
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -95,3 +96,9 @@ def is_transient(error: OperationalError | InterfaceError) -> bool:
     if error.connection_invalidated:
         return True
     return any(hint in str(error.orig).lower() for hint in TRANSIENT_HINTS)
+
+
+def rowcount(result: QueryResult[Any]) -> int:
+    """How many rows an UPDATE matched: the one place that reads the cursor's count."""
+    assert isinstance(result, CursorResult)  # what every UPDATE returns
+    return result.rowcount

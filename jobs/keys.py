@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from jobs.db import rowcount
 from jobs.tables import ApiKey, utcnow
 
 KEY_PREFIX = "nr_"
@@ -63,7 +64,7 @@ def revoke_key(session: Session, *, name: str) -> None:
     revoked = session.execute(
         update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
     )
-    if revoked.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(revoked) != 1:
         raise KeyCommandError(f"no active key named {name!r}")
 
 

@@ -15,9 +15,10 @@ from enum import StrEnum
 from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, CursorResult, Result, and_, case, select, update
+from sqlalchemy import ColumnElement, and_, case, select, update
 from sqlalchemy.orm import Session
 
+from jobs.db import rowcount
 from jobs.params import GenerationParams
 from jobs.states import RETRYABLE, JobStatus
 from jobs.tables import Job, JobStats, utcnow
@@ -121,12 +122,6 @@ def transition(
         .execution_options(synchronize_session=False)
     )
     return rowcount(session.execute(statement))
-
-
-def rowcount(result: Result[Any]) -> int:
-    """How many rows an UPDATE matched: the one place that reads the cursor's count."""
-    assert isinstance(result, CursorResult)  # what every UPDATE returns
-    return result.rowcount
 
 
 def _starting_columns(via: Move) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import httpx
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import transaction
+from jobs.db import rowcount, transaction
 from jobs.settings import Settings
 from jobs.tables import WebhookDelivery
 from jobs.webhook_targets import PrivateTarget, TargetRefused, checked_address, pinned_request, signed_headers
@@ -71,7 +71,7 @@ def claim_delivery(
         .values(attempts=attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(result) != 1:
         return None
     row = session.execute(
         select(WebhookDelivery.url, WebhookDelivery.payload).where(WebhookDelivery.id == delivery_id)
