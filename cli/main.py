@@ -14,6 +14,7 @@ from rich.console import Console
 from cli.client import ApiError, Client
 from cli.keys import keys_app
 from cli.render_views import WorkerGone, follow_batch, memory_table
+from cli.signals import interrupt_on_termination, shielded
 from jobs.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -41,21 +42,27 @@ def up(model: Model = None) -> None:
     from cli.stack import Stack, StackError
 
     stack = Stack(_settings(), extra_env={"WORKER_MODEL": model} if model else None)
+    failure = None
     try:
-        stack.start()
-    except StackError as error:
-        stack.stop()
-        _fail(str(error))
-    console.print(
-        f"nightrender is up at {stack.settings.resolved_api_url()} (docs at /docs). Ctrl-C stops it."
-    )
-    try:
-        while all(p.poll() is None for p in stack.processes.values()):
-            time.sleep(1)
+        with interrupt_on_termination():
+            try:
+                stack.start()
+            except StackError as error:
+                failure = str(error)
+            else:
+                console.print(
+                    f"nightrender is up at {stack.settings.resolved_api_url()} (docs at /docs). "
+                    "Ctrl-C stops it."
+                )
+                while all(p.poll() is None for p in stack.processes.values()):
+                    time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        stack.stop()
+        with shielded():
+            stack.stop()
+    if failure:
+        _fail(failure)
 
 
 @app.command()
@@ -229,28 +236,27 @@ def run(
     settings = _settings()
     client = Client.for_settings(settings)
     stack = None
-    if not client.healthy():
-        console.print("starting the embedded stack (SQLite + embedded Redis + API + worker)...")
-        stack = Stack(settings, extra_env={"WORKER_MODEL": model} if model else None)
+    # SIGTERM and SIGHUP stop what this command started, like Ctrl-C; the stop itself is not interrupted.
+    with interrupt_on_termination():
         try:
-            stack.start()
-        except StackError as error:
-            stack.stop()
+            if not client.healthy():
+                console.print("starting the embedded stack (SQLite + embedded Redis + API + worker)...")
+                stack = Stack(settings, extra_env={"WORKER_MODEL": model} if model else None)
+                stack.start()
+            fields = _batch_fields(model, width, height, steps, seed, sizes, seeds)
+            created = client.submit_file(prompts_file, fields)
+            console.print(f"batch {created['id']}: {len(created['job_ids'])} jobs queued")
+            alive = stack.worker_alive if stack is not None else None
+            summary = follow_batch(client, created["id"], console, worker_alive=alive)
+            _download(client, created["id"], out)
+            if summary["counts"]["failed"]:
+                _fail(f"{summary['counts']['failed']} jobs failed; see `nightrender status {created['id']}`")
+        except (ApiError, WorkerGone, StackError) as error:
             _fail(str(error))
-    try:
-        fields = _batch_fields(model, width, height, steps, seed, sizes, seeds)
-        created = client.submit_file(prompts_file, fields)
-        console.print(f"batch {created['id']}: {len(created['job_ids'])} jobs queued")
-        alive = stack.worker_alive if stack is not None else None
-        summary = follow_batch(client, created["id"], console, worker_alive=alive)
-        _download(client, created["id"], out)
-        if summary["counts"]["failed"]:
-            _fail(f"{summary['counts']['failed']} jobs failed; see `nightrender status {created['id']}`")
-    except (ApiError, WorkerGone) as error:
-        _fail(str(error))
-    finally:
-        if stack is not None:
-            stack.stop()
+        finally:
+            if stack is not None:
+                with shielded():
+                    stack.stop()
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
