@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.auth import KeyRing, is_loopback
@@ -19,7 +20,7 @@ from api.metrics import release_process_metrics
 from api.observability import add_observability
 from api.openapi import publish_models
 from api.overload import add_load_shedding
-from api.routes import batches, jobs, system
+from api.routes import batches, home, jobs, system
 from api.status_cache import StatusCache
 from jobs.batching import BatchCreate
 from jobs.db import make_database, make_session_factory
@@ -27,6 +28,7 @@ from jobs.leader import Leadership
 from jobs.queue import Publisher
 from jobs.reconcile import reconcile_once
 from jobs.settings import Settings, get_settings
+from jobs.stack_identity import claim_broker_for
 from jobs.webhooks import start_webhook_loop
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         refuse_open_address_without_keys(app.state.key_ring, settings)
+        # Serving another stack's broker would hand this stack's jobs to that stack's workers.
+        await anyio.to_thread.run_sync(claim_broker_for, settings, app.state.session_factory)
         _read_keys_early(app.state.key_ring)
         stop = threading.Event()
         if reconcile:
@@ -62,14 +66,21 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         database.dispose()
         release_process_metrics()
 
-    app = FastAPI(title="nightrender", version="0.1.0", lifespan=lifespan)
+    # Swagger UI at /docs and ReDoc at /redoc, with their files served from the installed package: no CDN.
+    app = FastAPIOffline(
+        title="nightrender",
+        version="0.1.0",
+        lifespan=lifespan,
+        static_url=home.DOCS_ASSETS_URL,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from an outside validator
+    )
     app.state.settings = settings
     app.state.session_factory = make_session_factory(database)
     app.state.publisher = Publisher(settings)
     app.state.status_cache = StatusCache(settings.api_status_cache_s)
     app.state.key_ring = KeyRing(app.state.session_factory, settings.api_key_cache_s)
     app.state.rate_limiter = RateLimiter(settings.resolved_redis_url(), settings.api_rate_limit_per_min)
-    for module in (jobs, batches, system):
+    for module in (jobs, batches, system, home):
         app.include_router(module.router)
     add_client_limits(app, settings)
     publish_models(app, BatchCreate)

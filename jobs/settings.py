@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from platformdirs import user_data_path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,14 +19,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
     data_dir: Path = Field(
-        Path(".nightrender"), description="Where the embedded database, Redis and outputs live"
+        default_factory=lambda: user_data_path("nightrender"),
+        description="Where the embedded database, Redis, logs and outputs live; unset = the user's data "
+        "folder (platformdirs: ~/.local/share/nightrender on Linux), the same from every working directory",
     )
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset means SQLite in DATA_DIR")
     redis_url: str | None = Field(None, description="Broker URL; unset means the embedded Redis")
     outputs_dir: Path | None = Field(
         None, description="Where images are written; unset means DATA_DIR/outputs"
     )
-    model_cache_dir: Path = Field(Path(".nightrender/models"), description="Synthetic pipelines and HF cache")
+    model_cache_dir: Path | None = Field(
+        None, description="Synthetic pipelines and the hub cache; unset means DATA_DIR/models"
+    )
     queue_name: str = Field("nightrender", description="Celery queue the API publishes to")
     default_model: str = DEFAULT_MODEL
     allowed_models: str = Field(
@@ -159,6 +164,10 @@ class Settings(BaseSettings):
     def resolved_outputs_dir(self) -> Path:
         """The folder images are written to."""
         return (self.outputs_dir or self.data_dir / "outputs").resolve()
+
+    def resolved_model_cache_dir(self) -> Path:
+        """The folder models are built in or downloaded to."""
+        return (self.model_cache_dir or self.data_dir / "models").resolve()
 
     def resolved_api_url(self) -> str:
         """The base URL clients use for the API."""

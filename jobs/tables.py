@@ -240,3 +240,38 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
+
+
+class StackIdentity(Base):
+    """This database's stack id, made once by the migration: the broker records which stack it serves."""
+
+    __tablename__ = "stack_identity"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkerPresence(Base):
+    """One worker process's start: what it loaded, whether it is ready, and when it was last heard from.
+
+    `nightrender up` and `run` wait for their worker's row to say ready (not for a log line), and the
+    compose healthcheck reads it: Celery's `inspect ping` cannot answer while the solo pool renders.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    node: Mapped[str] = mapped_column(String(200))  # Celery's node name, e.g. celery@host
+    host: Mapped[str] = mapped_column(String(200), index=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))  # starting, ready, failed, stopped
+    model: Mapped[str] = mapped_column(String(500))
+    dtype: Mapped[str] = mapped_column(String(8))
+    offload_mode: Mapped[str] = mapped_column(String(16))
+    device_name: Mapped[str | None] = mapped_column(String(200))
+    vram_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column()
+    beat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column()

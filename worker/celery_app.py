@@ -8,13 +8,15 @@ process's resources (a `WorkerContext`) are built in `worker_init` and closed in
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task
 from celery.signals import worker_init, worker_shutdown
 
+from jobs.presence import this_host
 from jobs.queue import RENDER_TASK, broker_transport_options, publisher_config
 from jobs.settings import Settings, get_settings
+from jobs.stack_identity import StackConflict
 from worker.context import WorkerContext
 from worker.engine import EngineError
 
@@ -91,19 +93,31 @@ def render_job(self: RenderTask, job_id: str) -> str:
 
 
 @worker_init.connect
-def start_worker(**_: Any) -> None:
+def start_worker(sender: Any = None, **_: Any) -> None:
     """Build the process's resources and load its model before the first job, so no job pays for it.
 
-    With the solo pool, the process that receives `worker_init` is the one that runs the tasks.
+    With the solo pool, the process that receives `worker_init` is the one that runs the tasks. The
+    outcome is written to the worker's presence row, which `up` and `run` wait for.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        context = WorkerContext.build(get_settings())  # refuses an unknown OFFLOAD_MODE
-        context.start()  # placement and compilation for the queued sizes, before " ready."
-    except EngineError as error:
-        log.error("nightrender worker cannot start: %s", error)
-        raise SystemExit(2) from None
+        context = WorkerContext.build(get_settings(), node=getattr(sender, "hostname", None) or this_host())
+    except EngineError as error:  # an unknown OFFLOAD_MODE, refused before any connection
+        _cannot_start(error)
+    try:
+        context.start()  # placement and compilation for the queued sizes, then the row says ready
+    except (EngineError, StackConflict) as error:
+        context.presence.failed(str(error))
+        _cannot_start(error)
+    except BaseException as error:
+        context.presence.failed(f"{type(error).__name__}: {error}")
+        raise
     render_job.attach(context)
+
+
+def _cannot_start(error: Exception) -> NoReturn:
+    log.error("nightrender worker cannot start: %s", error)
+    raise SystemExit(2) from None
 
 
 @worker_shutdown.connect

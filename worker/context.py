@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.db import make_database, make_session_factory
 from jobs.peak_history import recent_plan_peaks
 from jobs.settings import Settings
+from worker.engine.memory import device_name
 from worker.holder import EngineHolder
+from worker.presence import PresenceReporter
 from worker.runner import JobRunner
 
 
@@ -25,23 +27,36 @@ class WorkerContext:
     factory: sessionmaker[Session]
     holder: EngineHolder
     runner: JobRunner
+    presence: PresenceReporter
 
     @classmethod
-    def build(cls, settings: Settings) -> WorkerContext:
+    def build(cls, settings: Settings, node: str) -> WorkerContext:
         """Everything a job needs, wired together; nothing is loaded and no connection is opened yet."""
         database = make_database(settings.resolved_database_url())
         factory = make_session_factory(database)
         holder = EngineHolder(settings, history=partial(past_peaks, factory))
-        return cls(settings, database, factory, holder, JobRunner(settings, factory, holder))
+        runner = JobRunner(settings, factory, holder)
+        return cls(settings, database, factory, holder, runner, PresenceReporter(settings, factory, node))
 
     def start(self) -> None:
-        """Load the worker's model, then place and compile it for the queued sizes, before the first job."""
-        self.holder.get(self.settings.resolved_worker_model(), self.settings.worker_dtype)
+        """Announce the worker, load its model, place and compile it for the queued sizes, then say ready.
+
+        Raises StackConflict when the broker serves another stack, EngineError when the model cannot load.
+        """
+        self.presence.announce()
+        engine, _ = self.holder.get(self.settings.resolved_worker_model(), self.settings.worker_dtype)
         self.runner.warm_up()
+        budget = self.holder.budget
+        on_cuda = engine.device.type == "cuda" and budget is not None
+        self.presence.ready(
+            device_name=device_name(engine.device),
+            vram_budget_bytes=budget.device_bytes if on_cuda and budget else None,
+        )
 
     def close(self) -> None:
         """Warm shutdown: write and commit what is rendered, stop the runner's threads, close the pool."""
         self.runner.close()
+        self.presence.stopped()
         self.database.dispose()
 
 

@@ -88,7 +88,8 @@ class EngineHolder:
         return seconds
 
     def _load(self, model: str, dtype: str, device: Any) -> LoadedPipeline:
-        loaded = load_pipeline(model, dtype=dtype, cache_dir=self._settings.model_cache_dir, device=device)
+        cache = self._settings.resolved_model_cache_dir()
+        loaded = load_pipeline(model, dtype=dtype, cache_dir=cache, device=device)
         set_attention_backend(loaded, self._settings.attention_backend)
         set_vae_slicing(loaded, self._settings.vae_slicing)
         return loaded

@@ -4,16 +4,20 @@ and the worker's Celery settings, which extend the publisher's.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
+import redis
 
 from jobs.db import transaction
 from jobs.params import GenerationParams
 from jobs.queue import publisher_config
 from jobs.settings import Settings
+from jobs.stack_identity import StackConflict, claim_broker
 from jobs.submit import insert_job
-from jobs.tables import Job
+from jobs.tables import Job, WorkerPresence
 from worker.celery_app import worker_config
 from worker.context import WorkerContext
 from worker.engine import EngineError
@@ -32,10 +36,11 @@ def queued_job(context: WorkerContext) -> str:
 
 
 def test_a_started_context_renders_and_closing_it_stores_the_image(settings: Settings) -> None:
-    context = WorkerContext.build(settings)
+    context = WorkerContext.build(settings, node="test@host")
     try:
         context.start()
         assert context.holder.loads == 1  # loaded at start, before any job
+        assert presence_of(context).state == "ready"
         job_id = queued_job(context)
         assert context.runner.run(job_id) == "rendered"
     finally:
@@ -46,6 +51,32 @@ def test_a_started_context_renders_and_closing_it_stores_the_image(settings: Set
     assert job.status == "succeeded"
     assert job.result_path is not None and Path(job.result_path).is_file()
     assert context.holder.loads == 1
+    stopped = presence_of(context)
+    assert (stopped.state, stopped.model, stopped.node) == ("stopped", "synthetic:tiny", "test@host")
+    assert stopped.pid == os.getpid()
+    assert stopped.device_name == "cpu" and stopped.vram_budget_bytes is None  # the budget caps CUDA only
+
+
+def presence_of(context: WorkerContext) -> WorkerPresence:
+    """The worker's row in `workers`."""
+    with context.factory() as session:
+        return session.get_one(WorkerPresence, context.presence.worker_id)
+
+
+def test_a_worker_of_another_stack_is_refused_before_its_model_loads(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.resolved_redis_url())
+    claim_broker(
+        client, queue_name=settings.queue_name, stack="another-stack", database_url="sqlite:///other.db"
+    )
+    context = WorkerContext.build(settings, node="test@host")
+    try:
+        with pytest.raises(
+            StackConflict, match=re.escape("another nightrender stack (database sqlite:///other.db)")
+        ):
+            context.start()
+        assert context.holder.loads == 0
+    finally:
+        context.database.dispose()
 
 
 def test_an_unknown_offload_mode_is_refused_before_any_model_loads(settings: Settings) -> None:
