@@ -139,7 +139,9 @@ def measure(backend: str, jobs: int, with_index: bool, folder: Path) -> list[dic
         migrate.upgrade(url)
         engine = create_engine(url)
         fill_s = fill(engine, backend, jobs)
-        settings = Settings(database_url=url, redis_url=REDIS_URL, data_dir=folder, queue_name="bench-scrape")
+        # A queue of its own per database: the broker records which stack (database) a queue belongs to.
+        queue = f"bench-scrape-{uuid.uuid4().hex[:8]}"
+        settings = Settings(database_url=url, redis_url=REDIS_URL, data_dir=folder, queue_name=queue)
         rows = [{"backend": backend, "jobs": jobs, "index": False, "fill_s": round(fill_s, 1)}]
         rows[0].update(time_scrapes(settings))
         if with_index:
