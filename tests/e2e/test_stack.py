@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cli.embedded_redis import redis_answers, redis_server_command
 from tests.e2e.test_cli import CLI, embedded_env, free_port
 from tests.e2e.test_cli_signals import READY
 
@@ -212,3 +213,28 @@ def test_global_options_reach_the_command(tmp_path: Path) -> None:
     assert f"data dir {tmp_path}" in info and "API http://127.0.0.1:8123" in info
     remote = output(cli(dict(os.environ), "--api-url", "http://gpu-box:9000", "info"))
     assert "API http://gpu-box:9000" in remote
+
+
+def test_up_replaces_its_own_data_dirs_redis_that_nothing_recorded(tmp_path: Path, model_cache: Path) -> None:
+    """A Redis serving this data dir's folder, with no record of who started it, is shut down and replaced."""
+    env = stack_env(tmp_path, model_cache, "g")
+    folder = Path(env["DATA_DIR"]) / "redis"
+    folder.mkdir(parents=True)
+    orphan = subprocess.Popen(
+        redis_server_command(int(env["EMBEDDED_REDIS_PORT"]), folder), stdout=subprocess.DEVNULL
+    )
+    up = None
+    try:
+        url = f"redis://127.0.0.1:{env['EMBEDDED_REDIS_PORT']}/0"
+        deadline = time.monotonic() + 20
+        while not redis_answers(url) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        up = RunningUp(env)
+        assert orphan.wait(timeout=30) == 0  # SHUTDOWN: its AOF written, then a clean exit
+        assert f"stopped redis (port {env['EMBEDDED_REDIS_PORT']})" in up.printed
+        assert any("redis-server" in " ".join(p.cmdline()) for p in up.children)
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        if up is not None:
+            up.kill_all()

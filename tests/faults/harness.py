@@ -15,7 +15,8 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
-from cli.stack import Stack, redis_server_command, worker_command
+from cli.embedded_redis import redis_server_command
+from cli.stack import Stack, worker_command
 from jobs.db import make_database
 from jobs.settings import Settings
 from jobs.tables import Job, JobStats
