@@ -5,6 +5,9 @@ descriptor after each entry, ZIP64 where needed), so no temporary file and no ex
 one thing `zipstream-ng` adds, a Content-Length known up front, needs the manifest's size before the
 first byte. Jobs are read in keyset pages (stats joined), each page in its own short session, so a
 slow download never holds a database connection.
+
+Each image is named `{index:05d}-{seed}-{prompt slug}.png` (`jobs/filenames.py`); a name already given
+in this archive gets `-2`, `-3`, ... so no entry hides another, and the manifest maps each job to its name.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
+from jobs.filenames import image_stem
 from jobs.tables import Job
 from jobs.views import job_view, not_superseded
 
 PAGE_JOBS = 500
+# Sent with the archive: the images' total size, known before the zip is built (the CLI's progress bar).
+ESTIMATED_BYTES_HEADER = "X-Archive-Estimated-Bytes"
 # The first page is small so that the first byte leaves soon (a 1,000-job batch: 7 ms instead of 30 ms).
 FIRST_PAGE_JOBS = 50
 COPY_BYTES = 64 * 1024
@@ -64,9 +70,13 @@ def stream_archive(
     """The zip's bytes in chunks: PNGs stored as they are, manifest.json last."""
     sink = _Sink()
     manifest: list[dict[str, Any]] = []
+    names = UniqueNames()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
-        for entry, image, name in _archived_jobs(factory, batch_id, outputs_dir, page_size):
-            entry["file"] = name if image and _store(archive, image, name) else None
+        for entry, image, stem in _archived_jobs(factory, batch_id, outputs_dir, page_size):
+            entry["file"] = None
+            if image is not None:
+                name = names.claim(stem)
+                entry["file"] = name if _store(archive, image, name) else None
             manifest.append(entry)
             if sink.size >= CHUNK_BYTES:
                 yield sink.take()
@@ -77,14 +87,15 @@ def stream_archive(
 def _archived_jobs(
     factory: sessionmaker[Session], batch_id: str, outputs_dir: Path, page_size: int
 ) -> Iterator[tuple[dict[str, Any], Path | None, str]]:
-    """Each job's manifest entry, its image file and the image's name in the zip, page by page."""
+    """Each job's manifest entry, its image file and its readable name (no extension), page by page."""
     after, size = -1, min(FIRST_PAGE_JOBS, page_size)
     while True:
         with factory() as session:
             jobs = session.scalars(_page_query(batch_id, after, size)).all()
             entries = [(job_view(session, job), job) for job in jobs]
         for entry, job in entries:
-            yield entry, _image_path(job, outputs_dir), f"{job.batch_index:05d}-{job.id}.png"
+            stem = image_stem(index=job.batch_index, seed=job.seed, prompt=job.prompt)
+            yield entry, _image_path(job, outputs_dir), stem
         if len(jobs) < size:
             return
         after, size = jobs[-1].batch_index, page_size
@@ -125,3 +136,46 @@ def _store(archive: zipfile.ZipFile, image: Path, name: str) -> bool:
             while block := source.read(COPY_BYTES):
                 target.write(block)
     return True
+
+
+class UniqueNames:
+    """File names handed out once per archive: a repeated stem gets `-2`, `-3`, ... before `.png`.
+
+    A batch has one job per index (a retry supersedes its original), so repeats are rare; this is the
+    guarantee, not the common path. Names are lowercase, so case-insensitive filesystems agree.
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def claim(self, stem: str, suffix: str = ".png") -> str:
+        """The first free name among `stem.png`, `stem-2.png`, `stem-3.png`, ..."""
+        name, copy = f"{stem}{suffix}", 1
+        while name in self._taken:
+            copy += 1
+            name = f"{stem}-{copy}{suffix}"
+        self._taken.add(name)
+        return name
+
+
+def archived_image_bytes(session: Session, batch_id: str, outputs_dir: Path) -> int:
+    """The total size of the batch's image files: one query for their paths, one `stat` per file.
+
+    Sent as a header before the zip, so a client can show a total. No `resolve()` per path (that is
+    ~10x the stat): a plain prefix check keeps files outside the outputs folder out of the sum, and
+    the archive itself still checks each file strictly before it sends any.
+    """
+    query = select(Job.result_path).where(
+        Job.batch_id == batch_id, Job.result_path.is_not(None), not_superseded()
+    )
+    paths = session.scalars(query).all()
+    root = f"{outputs_dir}{os.sep}"
+    return sum(_file_size(path) for path in paths if path and os.path.normpath(path).startswith(root))
+
+
+def _file_size(path: str) -> int:
+    """The file's size in bytes, 0 if it is gone."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0

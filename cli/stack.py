@@ -100,13 +100,13 @@ class Stack:
     def _prepare_metrics_folder(self) -> None:
         self.env.update(shared_metrics_env(self.settings))
 
-    def wait_worker_ready(self, timeout: float = 300.0) -> None:
+    def wait_worker_ready(self, name: str = "worker", timeout: float = 300.0) -> None:
         """Block until the worker's presence row says ready (its model is placed), or raise with why not.
 
         The row is this process's own (its host and pid, started after the spawn), so nothing an earlier
         run left behind can pass for it.
         """
-        process, since = self.processes["worker"], self._spawned_at["worker"]
+        process, since = self.processes[name], self._spawned_at[name]
         database = make_database(self.settings.resolved_database_url())
         factory = make_session_factory(database)
 
@@ -119,7 +119,7 @@ class Stack:
             return self.worker is not None
 
         try:
-            _wait_for(ready, timeout, "worker", self)
+            _wait_for(ready, timeout, name, self)
         finally:
             database.dispose()
 

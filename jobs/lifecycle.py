@@ -145,6 +145,7 @@ class Claim:
     attempt: int
     params: GenerationParams
     batch_id: str | None
+    batch_index: int = 0
 
 
 def claim_job(session: Session, *, job_id: str) -> Claim | None:
@@ -168,7 +169,14 @@ def claim_job(session: Session, *, job_id: str) -> Claim | None:
         return None
     job = session.get_one(Job, job_id)
     params = GenerationParams(**{name: getattr(job, name) for name in PARAM_FIELDS})
-    return Claim(job_id=job_id, lease_token=token, attempt=job.attempts, params=params, batch_id=job.batch_id)
+    return Claim(
+        job_id=job_id,
+        lease_token=token,
+        attempt=job.attempts,
+        params=params,
+        batch_id=job.batch_id,
+        batch_index=job.batch_index,
+    )
 
 
 def _leased(job_id: str, token: str) -> list[ColumnElement[bool]]:

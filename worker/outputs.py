@@ -1,35 +1,96 @@
-"""Writing images atomically, with the job's parameters in the PNG's text metadata."""
+"""Writing images atomically, named for people, with the job's parameters in the PNG's text metadata."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import tempfile
+from importlib import metadata as package_metadata
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from jobs.filenames import image_stem
+from jobs.lifecycle import Claim
 from jobs.params import GenerationParams
+
+# Every model here runs diffusers' FlowMatchEulerDiscreteScheduler: "Euler" in A1111's sampler names.
+SAMPLER = "Euler"
+NEGATIVE_PREFIX = "Negative prompt: "
+_LINE_BREAK = re.compile(r"\r\n?")
+_PATH_SEPARATOR = re.compile(r"[\\/]")
+
+
+@functools.cache
+def program_version() -> str:
+    """`nightrender <version>`, as A1111 writes its own version into the infotext."""
+    try:
+        return f"nightrender {package_metadata.version('nightrender')}"
+    except package_metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "nightrender"
 
 
 def png_metadata(job_id: str, params: GenerationParams) -> PngInfo:
-    """Text chunks that let anyone reproduce the image from the file alone."""
+    """`parameters` in A1111's infotext format for other tools; `nightrender` holds the exact JSON."""
     info = PngInfo()
-    info.add_text("nightrender:job_id", job_id)
-    for name, value in params.model_dump().items():
-        info.add_text(name, "" if value is None else str(value))
-    info.add_text("parameters", json.dumps(params.model_dump(), sort_keys=True))
+    info.add_text("parameters", a1111_parameters(params))
+    ours = {"job_id": job_id, "version": program_version(), "params": params.model_dump()}
+    info.add_text("nightrender", json.dumps(ours, sort_keys=True, ensure_ascii=False))
     return info
 
 
-def image_path(outputs_dir: Path, job_id: str, batch_id: str | None, lease_token: str) -> Path:
-    """Where an attempt's PNG lives: a folder per batch, named by job id and attempt, never by client input.
+def a1111_parameters(params: GenerationParams) -> str:
+    """The infotext A1111, Forge, SD.Next, InvokeAI's import and civitai read: prompt, negative, then fields.
+
+    The prompts are written as they are (the format has no escape for them); each field value with a
+    comma, colon or line break is a JSON string, as A1111's `quote` writes it.
+    """
+    fields: dict[str, Any] = {
+        "Steps": params.steps,
+        "Sampler": SAMPLER,
+        "CFG scale": params.guidance_scale,
+        "Seed": params.seed,
+        "Size": f"{params.width}x{params.height}",
+        "Model": model_name(params.model),
+        "Version": program_version(),
+    }
+    line = ", ".join(f"{key}: {infotext_value(value)}" for key, value in fields.items())
+    negative = unix_lines(params.negative_prompt or "")
+    negative_text = f"\n{NEGATIVE_PREFIX}{negative}" if negative else ""
+    return f"{unix_lines(params.prompt)}{negative_text}\n{line}".strip()
+
+
+def unix_lines(text: str) -> str:
+    """Line breaks as "\\n" only: A1111's reader splits on "\\n", and a stray "\\r" confuses others."""
+    return _LINE_BREAK.sub("\n", text)
+
+
+def infotext_value(value: object) -> str:
+    """A field value, JSON-quoted when it holds a separator (and when it starts with a quote, to survive)."""
+    text = str(value)
+    if any(mark in text for mark in (",", ":", "\n")) or text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def model_name(model: str) -> str:
+    """The model's own name, as A1111 names a checkpoint: a hub id or a folder without its parents."""
+    return _PATH_SEPARATOR.split(model.rstrip("/\\"))[-1] or model
+
+
+def image_path(outputs_dir: Path, claim: Claim) -> Path:
+    """Where an attempt's PNG lives: a folder per batch, `{index:05d}-{seed}-{slug}-{lease}.png` in it.
 
     The attempt's lease in the name means an attempt that lost its lease can delete its own file
-    without touching the file of the attempt that won.
+    without touching the file of the attempt that won. A job outside a batch has no index.
     """
-    return outputs_dir / (batch_id or "single") / f"{job_id}-{lease_token[:8]}.png"
+    index = claim.batch_index if claim.batch_id else None
+    stem = image_stem(index=index, seed=claim.params.seed, prompt=claim.params.prompt)
+    return outputs_dir / (claim.batch_id or "single") / f"{stem}-{claim.lease_token[:8]}.png"
 
 
 def save_png_atomically(image: Image.Image, path: Path, metadata: PngInfo) -> None:

@@ -102,7 +102,7 @@ class ImageWriter:
         marker = self._exit_before_write
         if marker and marker in claim.params.prompt and claim.attempt == 1:
             os._exit(1)  # testing only (FAULT_EXIT_BEFORE_WRITE): die between the render and the write
-        path = image_path(self._outputs_dir, claim.job_id, claim.batch_id, claim.lease_token)
+        path = image_path(self._outputs_dir, claim)
         started = time.perf_counter()
         try:
             save_png_atomically(rendered.image, path, png_metadata(claim.job_id, claim.params))

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.archive import stream_archive
+from api.archive import ESTIMATED_BYTES_HEADER, archived_image_bytes, stream_archive
 from api.auth import Caller, CallerDep
 from api.deps import (
     ActionBody,
@@ -112,7 +112,7 @@ async def create_batch(
         idempotency_key=idempotency_key,
     )
     cache.clear()  # queue positions moved
-    return {"id": submission.batch_id, "job_ids": submission.job_ids}
+    return {"id": submission.batch_id, "job_ids": submission.job_ids, "created": submission.created}
 
 
 def _expanded_batch(payload: Any, settings: Settings) -> tuple[BatchCreate, list[GenerationParams]]:
@@ -242,7 +242,16 @@ def list_batch_jobs(
 
 
 ARCHIVE_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/zip": {}}, "description": "the zip, streamed"},
+    200: {
+        "content": {"application/zip": {}},
+        "description": "the zip, streamed",
+        "headers": {
+            ESTIMATED_BYTES_HEADER: {
+                "description": "the images' total size in bytes, known before the zip (for a progress bar)",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    },
     **error_responses(404),
 }
 
@@ -254,9 +263,15 @@ def get_batch_archive(
 ) -> StreamingResponse:
     """A zip streamed as it is built: the images, then manifest.json (every job, its params and stats)."""
     load_batch(session, batch_id, caller)
-    chunks = stream_archive(factory, batch_id, settings.resolved_outputs_dir())
-    disposition = {"Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"'}
-    return StreamingResponse(chunks, media_type="application/zip", headers=disposition)
+    outputs = settings.resolved_outputs_dir()
+    headers = {
+        "Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"',
+        # The images' total size, for a progress bar (the zip adds its headers and the manifest).
+        ESTIMATED_BYTES_HEADER: str(archived_image_bytes(session, batch_id, outputs)),
+    }
+    return StreamingResponse(
+        stream_archive(factory, batch_id, outputs), media_type="application/zip", headers=headers
+    )
 
 
 @router.post(

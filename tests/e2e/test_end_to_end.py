@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, func, select
 from cli.stack import Stack
 from jobs.settings import Settings
 from jobs.tables import JobStats
+from tests.a1111_reader import read_infotext
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.e2e
@@ -84,10 +85,11 @@ def check_job_and_image(http: httpx.Client, job_id: str, prompt: str, size: tupl
     assert response.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(response.content))
     assert image.size == size
-    assert image.text["prompt"] == prompt
-    assert image.text["seed"] == "7"
-    assert image.text["model"] == "synthetic:tiny"
-    assert json.loads(image.text["parameters"])["steps"] == 2
+    read = read_infotext(image.text["parameters"])  # A1111's format, which other tools read
+    assert (read["prompt"], read["negative_prompt"], read["seed"], read["steps"]) == (prompt, "", 7, 2)
+    assert read["size"] == size and read["fields"]["Model"] == "synthetic:tiny"
+    ours = json.loads(image.text["nightrender"])
+    assert ours["job_id"] == job_id and ours["params"]["steps"] == 2
 
 
 def stats_rows(settings: Settings) -> int:
@@ -117,8 +119,19 @@ def test_same_seed_same_image_and_archive(stack: Stack, settings: Settings) -> N
     with zipfile.ZipFile(io.BytesIO(archive.content)) as opened:
         names = set(opened.namelist())
         manifest = json.loads(opened.read("manifest.json"))
+        sizes = [opened.getinfo(name).file_size for name in names if name.endswith(".png")]
+        texts = [Image.open(io.BytesIO(opened.read(job["file"]))).text for job in manifest["jobs"]]
     assert len(names) == 3
     assert [job["id"] for job in manifest["jobs"]] == created["job_ids"]
     assert all(job["file"] in names and job["memory"] for job in manifest["jobs"])
+    # Readable names, one per job although both jobs have the same prompt and seed.
+    assert [job["file"] for job in manifest["jobs"]] == ["00000-3-same-prompt.png", "00001-3-same-prompt.png"]
+    assert archive.headers["X-Archive-Estimated-Bytes"] == str(sum(sizes))
+    for job_id, text in zip(created["job_ids"], texts, strict=True):
+        assert read_infotext(text["parameters"])["prompt"] == "same prompt"
+        assert json.loads(text["nightrender"])["job_id"] == job_id
+    on_disk = sorted(path.name for path in (settings.resolved_outputs_dir() / created["id"]).iterdir())
+    stems = [name.rsplit("-", 1)[0] for name in on_disk]  # less the attempt's lease, kept on disk
+    assert stems == ["00000-3-same-prompt", "00001-3-same-prompt"]
     stats = http.get("/v1/stats").json()["rows"]
     assert stats[0]["width"] == 64 and stats[0]["jobs"] == 2

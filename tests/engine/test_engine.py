@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs.lifecycle import Claim
 from jobs.params import GenerationParams
 from jobs.settings import DEFAULT_MODEL
 from worker.engine import (
@@ -268,27 +269,36 @@ def test_to_request_carries_every_render_field() -> None:
 # outputs
 
 
+def output_claim(job_id: str, batch_id: str | None, token: str, params: GenerationParams) -> Claim:
+    """A claim as the worker holds it, for naming the output file."""
+    return Claim(job_id=job_id, lease_token=token, attempt=1, params=params, batch_id=batch_id, batch_index=4)
+
+
 def test_png_holds_the_parameters_as_text(base: RenderResult, tmp_path: Path) -> None:
-    """The PNG carries the job's parameters as text chunks."""
-    params = make_params(negative_prompt="blurry")
-    path = image_path(tmp_path, "job-1", "batch-1", "lease-00000001")
+    """The PNG carries A1111's `parameters` text and, under `nightrender`, the exact parameters as JSON."""
+    params = make_params(negative_prompt="blurry, low: quality")
+    path = image_path(tmp_path, output_claim("job-1", "batch-1", "lease-00000001", params))
     save_png_atomically(base.image, path, png_metadata("job-1", params))
     with Image.open(path) as saved:
         text = dict(saved.text)  # type: ignore[attr-defined]
         assert saved.size == (64, 64)
-    assert text["prompt"] == "a cat on a red sofa"
-    assert (text["seed"], text["width"], text["height"], text["steps"]) == ("1", "64", "64", "2")
-    assert (text["model"], text["negative_prompt"], text["nightrender:job_id"]) == (TINY, "blurry", "job-1")
-    assert json.loads(text["parameters"]) == params.model_dump()
+    assert text["parameters"].startswith(
+        "a cat on a red sofa\nNegative prompt: blurry, low: quality\nSteps: 2,"
+    )
+    assert 'Seed: 1, Size: 64x64, Model: "synthetic:tiny"' in text["parameters"]
+    ours = json.loads(text["nightrender"])
+    assert (ours["job_id"], ours["params"]) == ("job-1", params.model_dump())
+    assert set(text) == {"parameters", "nightrender"}  # no bare `prompt` chunk: ComfyUI reads it as a graph
 
 
 def test_png_save_leaves_no_temporary_files(base: RenderResult, tmp_path: Path) -> None:
     """Saving twice leaves only the final PNG."""
-    path = image_path(tmp_path, "job-2", None, "lease-00000002")
-    metadata = png_metadata("job-2", make_params())
+    params = make_params()
+    path = image_path(tmp_path, output_claim("job-2", None, "lease-00000002", params))
+    metadata = png_metadata("job-2", params)
     save_png_atomically(base.image, path, metadata)
     save_png_atomically(base.image, path, metadata)
-    assert path == tmp_path / "single" / "job-2-lease-00.png"
+    assert path == tmp_path / "single" / "1-a-cat-on-a-red-sofa-lease-00.png"
     assert list(path.parent.iterdir()) == [path]
 
 

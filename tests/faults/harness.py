@@ -93,18 +93,11 @@ class FaultStack:
 
     def start_worker(self, name: str) -> None:
         """Start (or restart) one named worker and wait until it is consuming."""
-        # Celery's " ready." line is the only readiness signal a worker gives (no state in SQL or the
-        # API says so); count them, since a restarted worker appends to the same log.
+        # Ready means this process's own row in `workers` says so (a restarted worker gets a new row).
         if name not in self.workers:
             self.workers.append(name)
-        log = self.stack.logs_dir / f"{name}.log"
-        ready_before = log.read_text(errors="replace").count(" ready.") if log.exists() else 0
         self.stack.spawn(name, worker_command(self.settings, name))
-        wait_until(
-            lambda: log.exists() and log.read_text(errors="replace").count(" ready.") > ready_before,
-            120,
-            f"worker {name} to be ready",
-        )
+        self.stack.wait_worker_ready(name, timeout=120)
 
     def signal(self, name: str, sig: int) -> None:
         """Send a signal to a worker's process."""

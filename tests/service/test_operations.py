@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.db import make_database, make_session_factory, transaction, with_retries
 from jobs.lifecycle import (
     PARAM_FIELDS,
+    Claim,
     cancel_running_job,
     claim_job,
     fail_job,
@@ -484,13 +485,13 @@ def test_each_attempt_writes_its_own_image_file(factory: sessionmaker[Session], 
     assert first != second
 
     outputs = settings.resolved_outputs_dir()
-    one = image_path(outputs, job_id, batch_id, first)
-    two = image_path(outputs, job_id, batch_id, second)
+    one = image_path(outputs, Claim(job_id, first, 1, PARAMS, batch_id, 0))
+    two = image_path(outputs, Claim(job_id, second, 2, PARAMS, batch_id, 0))
     assert one != two
     assert one.parent == two.parent == outputs / batch_id
-    assert one.name.startswith(job_id) and two.name.startswith(job_id)
+    assert one.name.startswith("00000-7-a-red-fox-") and two.name.startswith("00000-7-a-red-fox-")
     assert one.suffix == two.suffix == ".png"
-    assert image_path(outputs, job_id, None, first).parent == outputs / "single"
+    assert image_path(outputs, Claim(job_id, first, 1, PARAMS, None)).parent == outputs / "single"
 
 
 def test_with_retries_does_not_wait_on_a_schema_mistake(database_url: str) -> None:

@@ -6,6 +6,7 @@ hook a test adds is removed before it ends.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 
 from jobs.controls import set_paused
 from jobs.db import make_database, make_session_factory, transaction
+from jobs.filenames import prompt_slug
 from jobs.lifecycle import request_cancel
 from jobs.params import GenerationParams
 from jobs.settings import Settings
@@ -116,18 +118,20 @@ def files_under(folder: Path) -> list[Path]:
 def test_normal_job_succeeds_with_png_and_stats(
     runner: JobRunner, factory: sessionmaker[Session], settings: Settings
 ) -> None:
-    """A bf16 job renders resident, stores a PNG named by its id and a plan whose last attempt is ok."""
+    """A bf16 job renders resident, stores a PNG named by seed and prompt, and a plan ending in ok."""
     job_id = new_job(factory)
     assert run_to_end(runner, job_id) == "rendered"
     job = job_row(factory, job_id)
     assert job.status == "succeeded" and job.attempts == 1 and job.error is None
     assert job.result_path is not None
     path = Path(job.result_path)
-    assert path.is_file() and job_id in path.name and path.suffix == ".png"
-    assert path.is_relative_to(settings.resolved_outputs_dir())
+    assert path.is_file() and path.suffix == ".png"
+    assert path.parent == settings.resolved_outputs_dir() / "single"
+    assert path.name == f"{job.seed}-{prompt_slug(job.prompt)}-{job.lease_token[:8]}.png"
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (64, 64)
-        assert image.text["nightrender:job_id"] == job_id  # type: ignore[attr-defined]
+        assert json.loads(image.text["nightrender"])["job_id"] == job_id  # type: ignore[attr-defined]
+        assert f"Seed: {job.seed}, Size: 64x64" in image.text["parameters"]  # type: ignore[attr-defined]
     stats = stats_row(factory, job_id)
     assert stats is not None and (stats.rung, stats.oom_attempts) == ("resident", 0)
     plan = stored_plan(factory, job_id)
