@@ -24,10 +24,13 @@ class JobCreated(BaseModel):
 
 
 class BatchCreated(BaseModel):
-    """A queued batch and its job ids, in submission order."""
+    """A queued batch and its job ids, in submission order (or the batch an earlier request made)."""
 
     id: str
     job_ids: list[str]
+    created: bool = Field(
+        description="false when an earlier request with this Idempotency-Key made it (nothing new is queued)"
+    )
 
 
 class JobParams(BaseModel):
@@ -209,7 +212,10 @@ class BatchView(BaseModel):
     total: int
     counts: dict[str, int]
     progress: float
-    eta_seconds: float | None
+    eta_seconds: float | None = Field(
+        description="the remaining jobs' size and steps at the pace measured on this batch (else on recent "
+        "jobs of its model); null until one is measured, 0 once the batch is finished"
+    )
     created_at: str
     webhook: WebhookState | None = None
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import zipfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +62,38 @@ class Client:
         """One job's status."""
         return _json(self.http.get(f"/v1/jobs/{job_id}"))
 
-    def download_archive(self, batch_id: str, out_dir: Path, on_bytes: Callable[[int], None]) -> Path:
-        """Stream the batch's zip to disk, then unpack it into out_dir; returns the manifest's path."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        archive = out_dir / f".batch-{batch_id}.zip"
+    def batches(self, limit: int, cursor: str | None = None) -> dict[str, Any]:
+        """One page of batches, newest first."""
+        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        return _json(self.http.get("/v1/batches", params=params))
+
+    def batch_jobs(self, batch_id: str, limit: int = 1000, cursor: str | None = None) -> dict[str, Any]:
+        """One page of a batch's jobs, in submission order, each with its error."""
+        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        return _json(self.http.get(f"/v1/batches/{batch_id}/jobs", params=params))
+
+    def jobs_where(self, batch_id: str, status: str) -> Iterator[dict[str, Any]]:
+        """The batch's jobs in this status, page after page."""
+        cursor = None
+        while True:
+            page = self.batch_jobs(batch_id, cursor=cursor)
+            yield from (job for job in page["jobs"] if job["status"] == status)
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def queue(self) -> dict[str, Any]:
+        """Whether the queue is paused, and how many jobs wait and run."""
+        return _json(self.http.get("/v1/queue"))
+
+    @contextmanager
+    def archive(self, batch_id: str) -> Iterator[httpx.Response]:
+        """The batch's zip as a streamed response; raises ApiError before any byte if the API refuses."""
         with self.http.stream("GET", f"/v1/batches/{batch_id}/archive") as response:
             if response.status_code != 200:
                 response.read()
                 _json(response)
-            with archive.open("wb") as stream:
-                for chunk in response.iter_bytes():
-                    stream.write(chunk)
-                    on_bytes(len(chunk))
-        with zipfile.ZipFile(archive) as opened:
-            opened.extractall(out_dir)
-        archive.unlink()
-        return out_dir / "manifest.json"
+            yield response
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

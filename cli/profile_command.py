@@ -10,26 +10,30 @@ from typing import Annotated
 import typer
 
 from cli.common import Model, console, fail, settings
+from cli.render_options import SIZES_GRAMMAR, Steps, parse_sizes
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for part in text.split(","):
-        width, _, height = part.strip().lower().partition("x")
-        if not width.isdigit() or (height and not height.isdigit()):
-            fail(f"sizes must look like 512,768 or 1024x768, got {part!r}")
-        sizes.append((int(width), int(height or width)))
-    return sizes
+    try:
+        return parse_sizes(text)
+    except ValueError as error:
+        fail(str(error))
 
 
 def profile(
-    budget: Annotated[str, typer.Option(help="GB for the allocator cap, or auto")] = "auto",
-    sizes: Annotated[str, typer.Option(help="e.g. 512,768,1024 or 1024x768")] = "512,768,1024",
-    modes: Annotated[str, typer.Option(help="auto,stream,none,model,sequential,group")] = "auto,sequential",
+    budget: Annotated[str, typer.Option(help="VRAM budget in GB for the allocator cap, or auto")] = "auto",
+    sizes: Annotated[str, typer.Option(help=f"Sizes to measure ({SIZES_GRAMMAR})")] = "512,768,1024",
+    modes: Annotated[
+        str, typer.Option(help="Offload modes to compare: auto,stream,none,model,sequential,group")
+    ] = "auto,sequential",
     model: Model = None,
-    steps: int = 9,
-    images: int = 2,
-    out: Path = Path("profile"),
+    steps: Steps = 9,
+    images: Annotated[
+        int, typer.Option(min=1, help="Timed images per size and mode, after one warm-up image")
+    ] = 2,
+    out: Annotated[Path, typer.Option(help="Folder for profile.json and the chart profile.png")] = Path(
+        "profile"
+    ),
 ) -> None:
     """Measure peak VRAM and seconds per image per size and mode; prints a table and writes a PNG chart."""
     from cli.profile_view import profile_chart, profile_table
@@ -44,7 +48,7 @@ def profile(
             budget_gb=budget,
             sizes=_sizes(sizes),
             modes=[m.strip() for m in modes.split(",") if m.strip()],
-            cache_dir=config.model_cache_dir,
+            cache_dir=config.resolved_model_cache_dir(),
             steps=steps,
             images=images,
             on_row=lambda row: console.print(

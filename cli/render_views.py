@@ -14,6 +14,8 @@ from rich.table import Table
 from cli.client import Client
 from jobs.states import TERMINAL
 
+PAUSED_LINE = "the queue is paused: no job starts until `nightrender resume`"
+
 
 class WorkerGone(RuntimeError):
     """The worker this CLI started has exited while jobs were left."""
@@ -37,32 +39,60 @@ def follow_batch(
     with Progress(*columns, console=console) as progress:
         summary = client.batch(batch_id)
         task = progress.add_task("rendering", total=summary["total"], detail="")
+        was_paused = False
         while True:
             done = sum(summary["counts"][state] for state in TERMINAL)
-            progress.update(task, completed=done, detail=_detail(summary))
+            paused = done < summary["total"] and client.queue()["paused"]
+            if paused != was_paused:  # said once as a line too: the bar is not drawn outside a terminal
+                progress.console.print(PAUSED_LINE if paused else "the queue is running again")
+                was_paused = paused
+            progress.update(task, completed=done, detail=progress_detail(summary, paused=paused))
             if done >= summary["total"]:
                 return summary
             if worker_alive is not None and not worker_alive():
-                raise WorkerGone("the worker exited before the batch finished; see its log in DATA_DIR/logs")
+                raise WorkerGone("the worker exited before the batch finished; see `nightrender logs worker`")
             time.sleep(poll_s)
             summary = client.batch(batch_id)
 
 
-def _detail(summary: dict[str, Any]) -> str:
+def progress_detail(summary: dict[str, Any], *, paused: bool) -> str:
+    """Counts and the ETA, or "paused" (no ETA) while the queue is paused."""
     counts = summary["counts"]
-    eta = summary.get("eta_seconds")
-    eta_text = f"eta {eta:.0f}s" if eta is not None else "eta --"
-    return f"ok {counts['succeeded']} failed {counts['failed']} running {counts['running']} {eta_text}"
+    tally = f"ok {counts['succeeded']} failed {counts['failed']} running {counts['running']}"
+    return f"{tally} {eta_text(summary.get('eta_seconds'), paused=paused)}"
 
 
-def memory_table(jobs: list[dict[str, Any]]) -> Table:
-    """Peak memory and time per resolution and rung, from the jobs' recorded stats."""
+def eta_text(eta_seconds: float | None, *, paused: bool) -> str:
+    """`eta 1h 16m`, `eta --` while nothing measured says, or `paused` (a paused queue has no ETA)."""
+    if paused:
+        return "[yellow]paused[/yellow] (`nightrender resume` continues)"
+    if eta_seconds is None:
+        return "eta --"
+    return f"eta {duration(eta_seconds)}"
+
+
+def duration(seconds: float) -> str:
+    """Seconds as `45s`, `12m 05s` or `3h 20m`."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def memory_table(jobs: list[dict[str, Any]]) -> Table | str:
+    """Peak memory and time per resolution and rung from the jobs' recorded stats (or a line saying none)."""
     groups: dict[tuple[int, int, str], list[dict[str, Any]]] = defaultdict(list)
     for job in jobs:
         memory = job.get("memory")
         if memory:
             params = job["params"]
             groups[(params["width"], params["height"], memory["rung"])].append(memory)
+    if not groups:
+        return "no job recorded memory"
     table = Table(title="Memory by resolution (measured)")
     for header in ("size", "rung", "device", "jobs", "peak alloc", "peak reserved", "host RSS", "s/image"):
         table.add_column(header, justify="right" if header not in ("rung", "device") else "left")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, exists, func, select, true
+from sqlalchemy import Float, case, cast, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from jobs.positions import snapshot_for
-from jobs.states import TERMINAL, JobStatus, batch_status
+from jobs.states import ACTIVE, TERMINAL, JobStatus, batch_status
 from jobs.tables import Batch, Job, JobStats
 
 STAT_FIELDS = [c.name for c in JobStats.__table__.columns if c.name not in ("job_id",)]
@@ -111,16 +112,102 @@ def _step_progress(session: Session, batch_id: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+# Recent measured jobs of the batch's model that pace a batch none of whose jobs has finished yet.
+PACE_SAMPLE = 200
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Measured seconds per job, per pixel and per pixel-step: a job's time is their sum for its size."""
+
+    per_job: float  # encoding the prompt, whatever the size
+    per_pixel: float  # decoding and saving
+    per_pixel_step: float  # denoising
+
+    def seconds(self, work: RemainingWork) -> float:
+        """The time the remaining work takes at this pace."""
+        return (
+            self.per_job * work.jobs + self.per_pixel * work.pixels + self.per_pixel_step * work.pixel_steps
+        )
+
+
+@dataclass(frozen=True)
+class RemainingWork:
+    """The unfinished jobs of a batch: how many, their pixels, and their pixels times steps left."""
+
+    jobs: int
+    pixels: float
+    pixel_steps: float
+
+
 def _eta_seconds(session: Session, batch_id: str, remaining: int) -> float | None:
-    """Remaining jobs times the mean measured seconds per image (this batch first, else any job)."""
+    """The remaining jobs' size and steps at the pace measured on this batch, else on its model's recent jobs.
+
+    It was the mean seconds per image of *any* job times the jobs left: before this batch's first image, a
+    1024x1024 batch was timed by an earlier 256x256 demo and its ETA was off 10x or more. Jobs that compiled
+    graphs are left out: their time is mostly compiling, once.
+    """
     if remaining <= 0:
         return 0.0
-    per_image = JobStats.encode_s + JobStats.denoise_s + JobStats.decode_s + JobStats.save_s
-    for scope in (Job.batch_id == batch_id, true()):
-        mean = session.scalar(select(func.avg(per_image)).join(Job).where(scope))
-        if mean is not None:
-            return round(float(mean) * remaining, 1)
-    return None
+    pace = _pace(session, Job.batch_id == batch_id) or _model_pace(session, batch_id)
+    return None if pace is None else round(pace.seconds(_remaining_work(session, batch_id)), 1)
+
+
+def _remaining_work(session: Session, batch_id: str) -> RemainingWork:
+    pixels = cast(Job.width, Float) * Job.height
+    steps_left = case((Job.status == JobStatus.RUNNING, Job.steps - Job.progress_step), else_=Job.steps)
+    row = session.execute(
+        select(func.count(), func.sum(pixels), func.sum(pixels * steps_left)).where(
+            Job.batch_id == batch_id, Job.status.in_(ACTIVE), not_superseded()
+        )
+    ).one()
+    return RemainingWork(jobs=int(row[0]), pixels=float(row[1] or 0), pixel_steps=float(row[2] or 0))
+
+
+def _pace(session: Session, *scope: Any) -> Pace | None:
+    """The pace of the succeeded, measured jobs in scope that compiled nothing; None if there are none."""
+    warm = (Job.status == JobStatus.SUCCEEDED, JobStats.recompiles == 0, *scope)
+    pixels = cast(Job.width, Float) * Job.height
+    row = session.execute(
+        select(
+            func.count(),
+            func.sum(JobStats.encode_s),
+            func.sum(JobStats.decode_s + JobStats.save_s),
+            func.sum(JobStats.denoise_s),
+            func.sum(pixels),
+            func.sum(pixels * Job.steps),
+        )
+        .join(JobStats, JobStats.job_id == Job.id)
+        .where(*warm)
+    ).one()
+    jobs, encode, decode_save, denoise, total_pixels, pixel_steps = row
+    if not jobs or not total_pixels or not pixel_steps:
+        return None
+    return Pace(
+        per_job=float(encode) / jobs,
+        per_pixel=float(decode_save) / float(total_pixels),
+        per_pixel_step=float(denoise) / float(pixel_steps),
+    )
+
+
+def _model_pace(session: Session, batch_id: str) -> Pace | None:
+    """The pace of the latest measured jobs of the batch's model and dtype (a batch has one of each)."""
+    model = session.execute(select(Job.model, Job.dtype).where(Job.batch_id == batch_id).limit(1)).first()
+    if model is None:
+        return None
+    recent = (
+        select(JobStats.job_id)
+        .join(Job, JobStats.job_id == Job.id)
+        .where(
+            Job.model == model[0],
+            Job.dtype == model[1],
+            Job.status == JobStatus.SUCCEEDED,
+            JobStats.recompiles == 0,
+        )
+        .order_by(JobStats.recorded_at.desc())
+        .limit(PACE_SAMPLE)
+    )
+    return _pace(session, Job.id.in_(recent.scalar_subquery()))
 
 
 def stats_by_resolution(session: Session) -> list[dict[str, Any]]:

@@ -145,7 +145,11 @@ class JobRunner:
     def _encode_group(self, claims: list[Claim]) -> dict[str, SharedEncoding]:
         """Encode every claimed job's prompt in one pass of the (streamed) text encoder."""
         first = claims[0].params
-        engine, _ = self._holder.get(first.model, first.dtype)
+        try:
+            engine, _ = self._holder.get(first.model, first.dtype)
+        except Exception:  # the model cannot load: each job then fails on its own, with the reason
+            log.warning("group of %d: %s did not load; jobs render one by one", len(claims), first.model)
+            return {}  # raising here left the whole group `running` until the reconciler requeued it
         engine.expect(self._sizes_ahead.get(first.model, first.dtype))
         started = time.perf_counter()
         embeds = engine.encode_group([c.params.prompt for c in claims], first.width, first.height)

@@ -67,7 +67,8 @@ def test_run_renders_a_prompt_file_on_the_embedded_default(tmp_path: Path, model
     assert "Memory by resolution" in done.stdout
     images = sorted(out.glob("*/*.png"))
     assert len(images) == 3
-    assert {Image.open(p).text["prompt"] for p in images} == {"a red fox", "a blue whale", "a green frog"}
+    prompts = {Image.open(p).text["parameters"].split("\n")[0] for p in images}  # A1111's first line
+    assert prompts == {"a red fox", "a blue whale", "a green frog"}
     assert (tmp_path / "data" / "nightrender.db").exists()
 
 

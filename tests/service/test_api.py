@@ -372,7 +372,8 @@ def test_idempotency_key_returns_the_same_batch(
     first = api_client.post("/v1/batches", json=body, headers=headers)
     second = api_client.post("/v1/batches", json=body, headers=headers)
     assert first.status_code == second.status_code == 201
-    assert first.json() == second.json()
+    assert {**first.json(), "created": False} == second.json()  # the same batch, and it says so
+    assert first.json()["created"] is True
     assert count(engine, Batch) == 1
     assert count(engine, Job) == 2
     assert publisher.queue_length() == 2

@@ -17,18 +17,19 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from api.archive import stream_archive
+from api.archive import ESTIMATED_BYTES_HEADER, stream_archive
 from cli.client import Client
 from cli.stack import Stack
 from jobs.db import make_database, make_session_factory, transaction
-from jobs.lifecycle import claim_job, fail_job, finish_job
+from jobs.lifecycle import claim_job, fail_job, finish_job, retry_jobs
 from jobs.params import GenerationParams
 from jobs.settings import Settings
 from jobs.submit import insert_batch
+from jobs.tables import Job
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
@@ -122,6 +123,8 @@ def test_streamed_zip_holds_every_image_and_a_manifest_of_every_job(
     assert [job["queue_position"] for job in jobs[-3:]] == [0, 1, 2]
     assert jobs[12]["error"] == "boom"
     assert len(names) == 13
+    assert [job["file"] for job in jobs[:12]] == [f"{index:05d}-1-a-red-fox.png" for index in range(12)]
+    assert response.headers[ESTIMATED_BYTES_HEADER] == str(sum(len(data) for data in images.values()))
 
 
 @pytest.mark.parametrize("jobs", [7, 8, 9])
@@ -155,10 +158,50 @@ def test_a_missing_image_is_left_out_not_an_error(
     batch_id, images = make_batch(factory, settings.resolved_outputs_dir(), succeeded=3)
     gone = list(images)[1]
     (settings.resolved_outputs_dir() / f"{gone}.png").unlink()
-    archive = open_zip(api_client.get(f"/v1/batches/{batch_id}/archive").content)
+    response = api_client.get(f"/v1/batches/{batch_id}/archive")
+    archive = open_zip(response.content)
     files = {job["id"]: job["file"] for job in json.loads(archive.read("manifest.json"))["jobs"]}
     assert files[gone] is None
     assert len([name for name in files.values() if name]) == 2
+    kept = sum(len(data) for job_id, data in images.items() if job_id != gone)
+    assert response.headers[ESTIMATED_BYTES_HEADER] == str(kept)
+
+
+def test_a_retried_job_keeps_its_index_and_names_never_repeat(
+    api_client: TestClient, factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """A retry takes its original's index (the original leaves the archive); a repeated name gets `-2`."""
+    outputs = settings.resolved_outputs_dir()
+    batch_id, images = make_batch(factory, outputs, succeeded=2, failed=1)
+    with transaction(factory) as session:
+        failed = session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == "failed")).one()
+        retried = retry_jobs(session, job_ids=[failed])[0]
+    images[retried] = finish_with_image(factory, retried, outputs, seed=9)
+    with transaction(factory) as session:  # two jobs at one index: only a hand-edited row does this
+        first = session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.batch_index == 0)).one()
+        session.execute(update(Job).where(Job.id == list(images)[1]).values(batch_index=0))
+    response = api_client.get(f"/v1/batches/{batch_id}/archive")
+    archive = open_zip(response.content)
+    files = {job["id"]: job["file"] for job in json.loads(archive.read("manifest.json"))["jobs"]}
+    assert failed not in files
+    assert files[retried] == "00002-1-a-red-fox.png"
+    moved = list(images)[1]
+    assert {files[first], files[moved]} == {"00000-1-a-red-fox.png", "00000-1-a-red-fox-2.png"}
+    assert sorted(archive.namelist()) == sorted([*files.values(), "manifest.json"])
+    for job_id, name in files.items():
+        assert archive.read(name) == images[job_id]
+    assert response.headers[ESTIMATED_BYTES_HEADER] == str(sum(len(data) for data in images.values()))
+
+
+def finish_with_image(factory: sessionmaker[Session], job_id: str, outputs: Path, seed: int) -> bytes:
+    """Claim a queued job, write its PNG and finish it, as the worker does; returns the PNG's bytes."""
+    with transaction(factory) as session:
+        claim = claim_job(session, job_id=job_id)
+        assert claim is not None
+        path = outputs / f"{job_id}.png"
+        data = write_png(path, seed)
+        finish_job(session, job_id=job_id, lease_token=claim.lease_token, result_path=str(path), stats=STATS)
+    return data
 
 
 def count_archive_statements(settings: Settings, batch_id: str) -> int:
