@@ -15,6 +15,7 @@ from worker.engine.loading import (
     EngineError,
     LoadedPipeline,
     load_pipeline,
+    model_source,
     pick_device,
     set_attention_backend,
     set_vae_slicing,
@@ -59,6 +60,9 @@ class EngineHolder:
         self.engine = None  # drop the old pipeline before loading the new one, to free its memory
         release_memory(pick_device())
         device = pick_device()
+        # A synthetic model is built on the GPU the first time (seconds, not CPU minutes); that must
+        # happen before the budget becomes the allocator cap, or a 12 GB cap refuses the 20 GB build.
+        model_source(model, self._settings.resolved_model_cache_dir(), device)
         if self.budget is None:
             self.budget = resolve_budget(
                 self._settings.vram_budget_gb, self._settings.host_ram_budget_gb, device

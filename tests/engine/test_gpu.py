@@ -81,3 +81,20 @@ def test_peak_reserved_stays_under_the_cap(cache: Path) -> None:
     assert result.stats.peak_reserved_bytes is not None
     assert result.stats.peak_reserved_bytes <= budget.device_bytes
     assert result.stats.vram_budget_bytes == budget.device_bytes
+
+
+def test_a_capped_worker_builds_the_full_synthetic_model_it_has_never_seen(tmp_path: Path) -> None:
+    """The first `run --budget 12` used to fail: the 20 GB build ran under the 12 GB allocator cap."""
+    import subprocess
+    import sys
+
+    script = (
+        "from pathlib import Path; from jobs.settings import Settings;"
+        "from worker.holder import EngineHolder;"
+        f"h = EngineHolder(Settings(vram_budget_gb='6', model_cache_dir=Path({str(tmp_path)!r})));"
+        "engine, _ = h.get('synthetic:full', 'bf16');"
+        "print('budget', h.budget.device_bytes)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "budget " in done.stdout and 0 < int(done.stdout.split("budget ")[1]) <= 6 * GB
