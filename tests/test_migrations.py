@@ -15,7 +15,16 @@ from jobs import migrate
 from jobs.tables import Base, JobStats
 from tests.conftest import BACKENDS
 
-TABLES = {"batches", "jobs", "job_stats", "queue_controls", "api_keys", "webhook_deliveries"}
+TABLES = {
+    "batches",
+    "jobs",
+    "job_stats",
+    "queue_controls",
+    "api_keys",
+    "webhook_deliveries",
+    "stack_identity",
+    "workers",
+}
 
 
 def table_names(url: str) -> set[str]:

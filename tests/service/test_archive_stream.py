@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from rich.console import Console
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from api.archive import ESTIMATED_BYTES_HEADER, stream_archive
 from cli.client import Client
+from cli.downloads import download_batch
 from cli.stack import Stack
 from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, fail_job, finish_job, retry_jobs
@@ -240,13 +242,10 @@ def test_cli_download_unpacks_the_streamed_archive(
 ) -> None:
     """The CLI's download, over real HTTP from uvicorn, unpacks every image and the manifest."""
     batch_id, images = make_batch(factory, settings.resolved_outputs_dir(), succeeded=6, failed=1)
-    received: list[int] = []
-    manifest_path = Client(settings.resolved_api_url()).download_archive(
-        batch_id, tmp_path / "out", received.append
-    )
-    jobs = json.loads(manifest_path.read_text())["jobs"]
-    assert len(jobs) == 7
-    for job in jobs:
+    downloaded = download_batch(Client(settings.resolved_api_url()), batch_id, tmp_path / "out", Console())
+    assert downloaded.folder == tmp_path / "out" / batch_id
+    assert len(downloaded.jobs) == 7 and downloaded.images == 6 and downloaded.written == 6
+    for job in downloaded.jobs:
         if job["file"]:
-            assert (tmp_path / "out" / job["file"]).read_bytes() == images[job["id"]]
-    assert sum(received) > sum(len(data) for data in images.values())
+            assert (downloaded.folder / job["file"]).read_bytes() == images[job["id"]]
+    assert not list(downloaded.folder.glob(".batch-*"))  # the partial zip is gone once unpacked
