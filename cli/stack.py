@@ -214,15 +214,18 @@ def worker_overrides(model: str | None, budget: str | None) -> dict[str, str]:
 
 
 def ensure_port_free(host: str, port: int, setting: str) -> None:
-    """Raise StackError, naming the setting to change, if another program listens on host:port."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            raise StackError(
-                f"port {port} on {host} is taken by another program: stop it, or set {setting}"
-            ) from None
+    """Raise StackError, naming the setting to change, if another program listens on host:port.
+
+    A listener is what collides; a port that is only some connection's local end (a probe by bind()
+    trips over those) is left to the server's own bind, whose failure the stack reports with its log.
+    """
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    try:
+        with socket.create_connection((target, port), timeout=1):
+            pass
+    except OSError:
+        return
+    raise StackError(f"port {port} on {host} is taken by another program: stop it, or set {setting}")
 
 
 def shared_metrics_env(settings: Settings) -> dict[str, str]:

@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -41,11 +42,18 @@ def announce_worker(session: Session, *, node: str, model: str, dtype: str, offl
     return presence.id
 
 
-def mark_ready(session: Session, *, worker_id: str, device_name: str, vram_budget_bytes: int | None) -> None:
+def mark_ready(
+    session: Session,
+    *,
+    worker_id: str,
+    device_name: str,
+    vram_budget_bytes: int | None,
+    forecast: list[dict[str, Any]] | None = None,
+) -> None:
     """The model is loaded and placed: the worker takes jobs from now on."""
     now = utcnow()
     _update(session, worker_id, state=READY, device_name=device_name, vram_budget_bytes=vram_budget_bytes,
-            ready_at=now, beat_at=now)  # fmt: skip
+            forecast=forecast, ready_at=now, beat_at=now)  # fmt: skip
 
 
 def mark_failed(session: Session, *, worker_id: str, error: str) -> None:

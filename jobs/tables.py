@@ -271,6 +271,8 @@ class WorkerPresence(Base):
     device_name: Mapped[str | None] = mapped_column(String(200))
     vram_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
+    # The planner's forecast for common sizes under this worker's budget (worker/engine/forecast.py).
+    forecast: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON_DOCUMENT)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[datetime | None] = mapped_column()
     beat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.db import make_database, make_session_factory
 from jobs.peak_history import recent_plan_peaks
 from jobs.settings import Settings
+from worker.engine.forecast import forecast_sizes
 from worker.engine.memory import device_name
 from worker.holder import EngineHolder
 from worker.presence import PresenceReporter
@@ -51,6 +52,7 @@ class WorkerContext:
         self.presence.ready(
             device_name=device_name(engine.device),
             vram_budget_bytes=budget.device_bytes if on_cuda and budget else None,
+            forecast=forecast_sizes(engine),
         )
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,12 +41,15 @@ class PresenceReporter:
             )  # fmt: skip
         claim_broker_for(s, self._factory)
 
-    def ready(self, *, device_name: str, vram_budget_bytes: int | None) -> None:
-        """The model is placed: say so, and start beating."""
+    def ready(
+        self, *, device_name: str, vram_budget_bytes: int | None, forecast: list[dict[str, Any]]
+    ) -> None:
+        """The model is placed: say so (with the planner's forecast), and start beating."""
         with self._factory() as session:
             presence.mark_ready(
-                session, worker_id=self._id(), device_name=device_name, vram_budget_bytes=vram_budget_bytes
-            )
+                session, worker_id=self._id(), device_name=device_name,
+                vram_budget_bytes=vram_budget_bytes, forecast=forecast,
+            )  # fmt: skip
         self._beats = threading.Thread(target=self._beat_until_stopped, name="presence-beat", daemon=True)
         self._beats.start()
 

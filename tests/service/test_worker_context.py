@@ -40,7 +40,10 @@ def test_a_started_context_renders_and_closing_it_stores_the_image(settings: Set
     try:
         context.start()
         assert context.holder.loads == 1  # loaded at start, before any job
-        assert presence_of(context).state == "ready"
+        ready = presence_of(context)
+        assert ready.state == "ready" and ready.forecast is not None
+        square = next(f for f in ready.forecast if (f["width"], f["height"]) == (1024, 1024))
+        assert square["seconds_per_step"] > 0 and square["predicted_peak_bytes"] > 0
         job_id = queued_job(context)
         assert context.runner.run(job_id) == "rendered"
     finally:
