@@ -16,12 +16,30 @@ class ApiError(RuntimeError):
     """The API refused a request; the message carries its reason."""
 
 
+class ApiUnreachable(ApiError):
+    """No API answers at the configured address (not started, or another address)."""
+
+
+class _ApiHttp(httpx.Client):
+    """httpx, with a connection failure turned into one line that says what to do."""
+
+    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        """Send, or raise ApiUnreachable naming the address and the fixes."""
+        try:
+            return super().send(request, **kwargs)
+        except httpx.TransportError as error:
+            raise ApiUnreachable(
+                f"no nightrender API answers at {self.base_url} ({error or type(error).__name__}): start one "
+                "with `nightrender up`, or point --api-url (API_URL) at a running one"
+            ) from None
+
+
 class Client:
     """Wraps the endpoints the CLI needs."""
 
     def __init__(self, base_url: str, timeout: float = 60.0, api_key: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+        self.http = _ApiHttp(base_url=base_url, timeout=timeout, headers=headers)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Client:
@@ -32,7 +50,7 @@ class Client:
         """Whether the API answers /healthz with 200."""
         try:
             return self.http.get("/healthz", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
+        except (ApiUnreachable, httpx.HTTPError):
             return False
 
     def submit_file(

@@ -238,3 +238,13 @@ def test_up_replaces_its_own_data_dirs_redis_that_nothing_recorded(tmp_path: Pat
             orphan.kill()
         if up is not None:
             up.kill_all()
+
+
+def test_a_command_with_no_api_running_says_how_to_start_one(tmp_path: Path) -> None:
+    """Every client command used to print a 100-line traceback when no stack was up."""
+    env = {**os.environ, "API_PORT": str(free_port()), "DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+    for command in (["batches"], ["status", "7998859c-bac6-4e63-874e-40c387207391"], ["pause"]):
+        result = cli(env, *command)
+        assert result.returncode == 2, command
+        assert f"no nightrender API answers at http://127.0.0.1:{env['API_PORT']}" in output(result)
+        assert "nightrender up" in output(result) and "Traceback" not in output(result)
