@@ -20,7 +20,7 @@ from api.metrics import release_process_metrics
 from api.observability import add_observability
 from api.openapi import publish_models
 from api.overload import add_load_shedding
-from api.routes import batches, home, jobs, system
+from api.routes import batches, dashboard_api, home, jobs, system
 from api.status_cache import StatusCache
 from jobs.batching import BatchCreate
 from jobs.db import make_database, make_session_factory
@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.state.status_cache = StatusCache(settings.api_status_cache_s)
     app.state.key_ring = KeyRing(app.state.session_factory, settings.api_key_cache_s)
     app.state.rate_limiter = RateLimiter(settings.resolved_redis_url(), settings.api_rate_limit_per_min)
-    for module in (jobs, batches, system, home):
+    for module in (jobs, batches, system, dashboard_api, home):
         app.include_router(module.router)
     add_client_limits(app, settings)
     publish_models(app, BatchCreate)

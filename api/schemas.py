@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -257,3 +257,50 @@ class BatchJobsPage(BaseModel):
     id: str
     jobs: list[BatchJobRow]
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class WorkerView(BaseModel):
+    """One worker process's start: what it loaded, its state, and whether it is live now."""
+
+    node: str
+    host: str
+    state: str = Field(description="starting, ready, failed or stopped")
+    model: str
+    dtype: str
+    device_name: str | None
+    vram_budget_bytes: int | None = Field(description="the allocator cap on CUDA; null on the CPU")
+    error: str | None = Field(description="why it could not start (state failed)")
+    ready_at: str | None
+    beat_at: str
+    live: bool = Field(description="ready and heard from within 3 heartbeats (at least 30 s)")
+
+
+class WorkerList(BaseModel):
+    """The newest worker starts (at most 20), newest first."""
+
+    workers: list[WorkerView]
+
+
+class SizeEstimate(BaseModel):
+    """One size of an estimate: whether it fits the budget, its peak and seconds per image, and from where."""
+
+    width: int
+    height: int
+    images: int
+    fits: bool | None = Field(description="peak within the worker's budget; null without a budget or a peak")
+    peak_bytes: int | None
+    seconds_per_image: float | None
+    source: Literal["measured", "forecast", "none"] = Field(
+        description="measured: finished jobs of this model and size; forecast: the live worker's planner"
+    )
+
+
+class BatchEstimate(BaseModel):
+    """A batch priced before it is submitted, with a one-sentence summary."""
+
+    budget_bytes: int | None = Field(description="the newest live worker's VRAM budget; null on the CPU")
+    device_name: str | None
+    images: int
+    seconds_total: float | None = Field(description="null when a size has no measurement or forecast")
+    sizes: list[SizeEstimate]
+    summary: str

@@ -22,6 +22,14 @@ from tests.conftest import BACKENDS
 pytestmark = pytest.mark.e2e
 MAX_EXAMPLES = 25
 SEED = 20261127
+# Every warning schemathesis shows by default but `missing_test_data`: a fuzzed GET of a job's image or
+# thumbnail answers 404 for a random UUID by design, and whether the few ids it draws are all ones an earlier
+# request created (409: no image yet) or include one random id is the seed's luck, not the API's.
+WARNINGS = (
+    "missing_auth,base_url_mismatch,validation_mismatch,missing_deserializer,unused_openapi_auth,"
+    "unsupported_regex,method_not_allowed,constants_extraction,unmatched_filter,unresolvable_reference,"
+    "rate_limited,dictionary_mismatch,timeout_units"
+)
 
 
 @pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
@@ -31,7 +39,7 @@ def test_the_api_keeps_to_its_schema(api_only: Stack, settings: Settings, tmp_pa
     command = [
         str(st), "run", f"{settings.resolved_api_url()}/openapi.json",
         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-        "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
+        "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED), "--warnings", WARNINGS,
         "--report", "junit", "--report-junit-path", str(report),
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)

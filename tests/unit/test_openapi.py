@@ -39,6 +39,10 @@ def test_the_real_limits_are_published(document: dict[str, Any]) -> None:
     assert job["steps"]["maximum"] == 100
     item = document["components"]["schemas"]["PromptItem"]["properties"]
     assert item["prompt"]["maxLength"] == 2000
+    estimate = document["components"]["schemas"]["EstimateRequest"]["properties"]
+    assert (estimate["sizes"]["maxItems"], estimate["jobs_per_size"]["maximum"]) == (32, 100_000)
+    side = document["components"]["schemas"]["SizeToEstimate"]["properties"]["width"]
+    assert (side["minimum"], side["maximum"], side["multipleOf"]) == (64, 2048, 16)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +54,9 @@ def test_the_real_limits_are_published(document: dict[str, Any]) -> None:
         ("post", "/v1/batches", {"201", "400", "409", "413", "415", "422", "429"}),
         ("post", "/v1/batches/{batch_id}/retry", {"201", "404", "409", "413", "415"}),
         ("post", "/v1/queue/pause", {"200", "401", "403", "415"}),
+        ("get", "/v1/jobs/{job_id}/thumbnail", {"200", "304", "401", "404", "409", "410", "422"}),
+        ("get", "/v1/workers", {"200", "401", "403", "429", "503"}),
+        ("post", "/v1/estimate", {"200", "400", "401", "413", "415", "422", "429"}),
     ],
 )
 def test_error_answers_are_documented(
