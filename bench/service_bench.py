@@ -68,9 +68,9 @@ class BenchStack(Stack):
 
     ready_timeout = 900.0
 
-    def wait_worker_ready(self, timeout: float = 300.0) -> None:
-        """Wait for the worker's ready line, at least `ready_timeout` seconds."""
-        super().wait_worker_ready(max(timeout, self.ready_timeout))
+    def wait_worker_ready(self, name: str = "worker", timeout: float = 300.0) -> None:
+        """Wait for the worker's ready row, at least `ready_timeout` seconds."""
+        super().wait_worker_ready(name, max(timeout, self.ready_timeout))
 
 
 class Recorder:
