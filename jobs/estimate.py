@@ -214,14 +214,16 @@ def gb_text(size_bytes: int) -> str:
 def seconds_text(seconds: float) -> str:
     """A time per image: 0.42 s, 1.8 s, 12 s."""
     if seconds < 1:
-        return f"{seconds:.2f} s"
+        return f"{max(seconds, 0.01):.2f} s"  # "about 0.00 s" reads as free
     return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def duration_text(seconds: float) -> str:
     """A batch's time, rounded for people: 40 seconds, 29 minutes, 3.2 hours."""
+    if seconds < 1.5:
+        return "1 second"
     if seconds < 90:
-        return f"{max(1, round(seconds))} seconds"
+        return f"{round(seconds)} seconds"
     if seconds < 90 * 60:
         return f"{round(seconds / 60)} minutes"
     return f"{seconds / 3600:.1f} hours"

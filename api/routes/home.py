@@ -1,21 +1,27 @@
-"""The page a person sees at `/`: what this is, and where the API reference, health and metrics are.
+"""The dashboard at `/`: static files from the package, which call the JSON API with the visitor's key.
 
-Swagger UI and ReDoc themselves come from `fastapi-offline` (see `create_app`), which ships their
-JavaScript and CSS in its wheel, so `/docs` works with no network.
+The page itself needs no key (it holds no data); the JavaScript asks for one when the API answers 401.
+Swagger UI and ReDoc come from `fastapi-offline` (see `create_app`), which ships their JavaScript and CSS
+in its wheel, so `/docs` works with no network either.
 """
 
 from __future__ import annotations
 
+import functools
 from html import escape
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.routing import BaseRoute, Match
+from starlette.types import Message, Receive, Scope, Send
 
 router = APIRouter(include_in_schema=False)
 
 DOCS_ASSETS_URL = "/static/docs"
-DASHBOARD_URL = "/dashboard"
+DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "static" / "dashboard"
+DASHBOARD_ASSETS_URL = "/dashboard-assets"
 TAGLINE = "A render queue for text-to-image models that works within a VRAM budget."
 # (path, what a person finds there); a path this app does not serve (metrics off) is left out.
 PAGES = (
@@ -25,48 +31,65 @@ PAGES = (
     ("/healthz", "whether the database and the broker answer"),
     ("/metrics", "Prometheus metrics"),
 )
-# Nothing on this page loads from anywhere, this server included.
-CONTENT_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>nightrender {version}</title>
-<style>
-body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 42rem; margin: 3rem auto; padding: 0 1rem; }}
-h1 small {{ color: #666; font-weight: normal; font-size: 1rem; }}
-li {{ margin: .4rem 0; }}
-code {{ background: #f3f3f3; padding: 0 .25rem; }}
-</style>
-</head>
-<body>
-<h1>nightrender <small>{version}</small></h1>
-<p>{tagline}</p>
-<ul>
-{items}
-</ul>
-<p>From a terminal: <code>nightrender --help</code></p>
-</body>
-</html>
-"""
+# Scripts, styles, images and API calls from this server only; images also from the object URLs the
+# dashboard makes of thumbnails it fetched with the key. No inline script or style, no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "base-uri 'self'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class DashboardFiles(StaticFiles):
+    """The dashboard's scripts and styles: revalidated on every load (ETag), so an upgrade shows at once."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the file with no-cache and nosniff headers added."""
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
+            await send(message)
+
+        await super().__call__(scope, receive, send_with_headers)
+
+
+router.mount(DASHBOARD_ASSETS_URL, DashboardFiles(directory=DASHBOARD_DIR), name="dashboard-assets")
 
 
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request) -> HTMLResponse:
-    """A small HTML page with the product's version and links to its docs, health and metrics."""
-    root = request.scope.get("root_path", "")
+def dashboard(request: Request) -> HTMLResponse:
+    """The dashboard's page, with the product's version and links to the docs, health and metrics."""
+    root = request.scope.get("root_path", "").rstrip("/")
     served = _served_paths(request)
-    items = [_link(root + path, text) for path, text in PAGES if path in served]
-    items.append(_dashboard_item(root, DASHBOARD_URL in served))
-    page = PAGE.format(version=escape(request.app.version), tagline=escape(TAGLINE), items="\n".join(items))
-    return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+    links = "\n".join(_link(root + path, text) for path, text in PAGES if path in served)
+    page = (
+        _index_html()
+        .replace("{{root}}", escape(root))
+        .replace("{{version}}", escape(request.app.version))
+        .replace("{{tagline}}", escape(TAGLINE))
+        .replace("{{links}}", links)
+    )
+    return HTMLResponse(page, headers=PAGE_HEADERS)
+
+
+@functools.cache
+def _index_html() -> str:
+    return (DASHBOARD_DIR / "index.html").read_text(encoding="utf-8")
 
 
 def _served_paths(request: Request) -> set[str]:
     # Asked of the router as a request would be: included routers no longer list their routes flat.
-    candidates = (*(path for path, _ in PAGES), DASHBOARD_URL)
-    return {path for path in candidates if _serves(request.app.router.routes, path)}
+    return {path for path, _ in PAGES if _serves(request.app.router.routes, path)}
 
 
 def _serves(routes: list[BaseRoute], path: str) -> bool:
@@ -75,11 +98,4 @@ def _serves(routes: list[BaseRoute], path: str) -> bool:
 
 
 def _link(href: str, text: str) -> str:
-    return f'<li><a href="{escape(href)}">{escape(href)}</a>: {escape(text)}</li>'
-
-
-def _dashboard_item(root: str, served: bool) -> str:
-    # The dashboard is planned; until its route exists the page names its address without a dead link.
-    if served:
-        return _link(root + DASHBOARD_URL, "the dashboard")
-    return f"<li><code>{escape(root + DASHBOARD_URL)}</code>: the dashboard (coming soon)</li>"
+    return f'    <li><a href="{escape(href)}">{escape(href)}</a>: {escape(text)}</li>'

@@ -1,4 +1,4 @@
-"""/docs, /redoc and the landing page at `/`, through the real app.
+"""/docs, /redoc and the dashboard at `/`, through the real app.
 
 Before this, /docs loaded Swagger UI from a CDN (a blank page offline) and `/` answered 404.
 """
@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from api.app import create_app
+from api.routes.home import DASHBOARD_DIR
 from jobs.db import make_database, make_session_factory, transaction
 from jobs.keys import add_key
 from jobs.settings import Settings
@@ -22,7 +23,13 @@ from tests.conftest import local_client
 # No page here touches the database: SQLite keeps these tests quick.
 pytestmark = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
 
-CONTENT_TYPES = {".js": "javascript", ".css": "text/css", ".png": "image/png", ".json": "application/json"}
+CONTENT_TYPES = {
+    ".js": "javascript",
+    ".css": "text/css",
+    ".png": "image/png",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+}
 SPEC_URL = re.compile(r"""url: '([^']+)'|spec-url="([^"]+)\"""")
 
 
@@ -83,19 +90,62 @@ def test_the_bundles_are_the_real_renderers(client: TestClient) -> None:
     assert "Redoc" in redoc
 
 
-def test_the_landing_page_links_to_the_docs_health_and_metrics(client: TestClient) -> None:
+def test_the_landing_page_is_the_dashboard_with_links_to_the_docs_health_and_metrics(
+    client: TestClient,
+) -> None:
     answer = client.get("/")
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/html")
-    assert "default-src 'none'" in answer.headers["content-security-policy"]
+    policy = answer.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
     page = answer.text
-    assert "<h1>nightrender <small>0.1.0</small></h1>" in page
+    assert "nightrender <small>0.1.0</small>" in page
+    assert '<script type="module" src="dashboard-assets/app.js">' in page
     links = References()
     links.feed(page)
-    assert set(links.urls) == {"/docs", "/redoc", "/openapi.json", "/healthz", "/metrics"}
-    assert "<code>/dashboard</code>: the dashboard (coming soon)" in page
-    for url in links.urls:
+    api_links = {url for url in links.urls if url.startswith("/") and url != "/"}
+    assert api_links == {"/docs", "/redoc", "/openapi.json", "/healthz", "/metrics"}
+    for url in api_links:
         assert client.get(url).status_code == 200, url
+    assert {url for url in links.urls if url.startswith("#")} == {"#/", "#/submit", "#/memory"}
+
+
+def test_every_file_the_dashboard_loads_is_served_from_this_server(client: TestClient) -> None:
+    page = client.get("/").text
+    assert not re.search(r"https?://|//[a-z]", page, re.IGNORECASE), "an absolute or off-site URL"
+    links = References()
+    links.feed(page)
+    assets = [url for url in links.urls if url.startswith("dashboard-assets/")]
+    modules = _imported_modules(client, "dashboard-assets/app.js")
+    # Every module in the folder is reached from app.js (and so is served and loads).
+    assert modules == {path.name for path in DASHBOARD_DIR.glob("*.js")} - {"app.js"}
+    assert "dashboard-assets/vendor/uPlot.iife.min.js" in assets
+    for url in [*assets, *(f"dashboard-assets/{name}" for name in modules)]:
+        asset = client.get("/" + url)
+        assert asset.status_code == 200, url
+        suffix = url[url.rfind(".") :]
+        assert CONTENT_TYPES[suffix] in asset.headers["content-type"], (url, asset.headers["content-type"])
+        assert asset.headers["x-content-type-options"] == "nosniff"
+        if suffix in (".js", ".css") and not url.startswith("dashboard-assets/vendor/"):
+            assert not re.search(r"https?://", asset.text), f"{url} names an off-site URL"
+    assert "uPlot" in client.get("/dashboard-assets/vendor/uPlot.iife.min.js").text
+    assert client.get("/dashboard-assets/%2e%2e/%2e%2e/routes/home.py").status_code == 404  # only that folder
+
+
+IMPORT = re.compile(r"""from "\./([a-z-]+\.js)";""")
+
+
+def _imported_modules(client: TestClient, url: str) -> set[str]:
+    """Every module `url` imports, and theirs, by name."""
+    found: set[str] = set()
+    waiting = [client.get("/" + url).text]
+    while waiting:
+        for name in IMPORT.findall(waiting.pop()):
+            if name not in found:
+                found.add(name)
+                waiting.append(client.get(f"/dashboard-assets/{name}").text)
+    return found
 
 
 def test_the_landing_page_lists_only_what_is_served(settings: Settings) -> None:
@@ -111,7 +161,9 @@ def test_pages_are_outside_the_api_document(client: TestClient) -> None:
     assert paths, "the document lists the API"
     assert "/v1/batches" in paths
     pages = {"/", "/docs", "/redoc", "/docs/oauth2-redirect"}
-    assert [path for path in paths if path in pages or path.startswith("/static")] == []
+    assert [
+        path for path in paths if path in pages or path.startswith(("/static", "/dashboard-assets"))
+    ] == []
 
 
 @pytest.fixture
@@ -128,5 +180,13 @@ def test_pages_need_no_key_as_the_openapi_document_did(settings: Settings, engin
     app = create_app(settings, reconcile=False)
     with TestClient(app, base_url="http://127.0.0.1", client=("203.0.113.7", 4000)) as remote:
         assert remote.get("/v1/queue").status_code == 401  # the API itself needs the key
-        for url in ("/", "/docs", "/redoc", "/openapi.json", "/static/docs/swagger-ui.css"):
+        pages = (
+            "/",
+            "/docs",
+            "/redoc",
+            "/openapi.json",
+            "/static/docs/swagger-ui.css",
+            "/dashboard-assets/app.js",
+        )
+        for url in pages:
             assert remote.get(url).status_code == 200, url
