@@ -52,7 +52,11 @@ def add_batch(factory: sessionmaker[Session], sizes: list[tuple[int, int, int]])
 
 
 def render(
-    factory: sessionmaker[Session], job_id: str, size: tuple[int, int, int], recompiles: int = 0
+    factory: sessionmaker[Session],
+    job_id: str,
+    size: tuple[int, int, int],
+    recompiles: int = 0,
+    per_step_s: float = 0.0,
 ) -> None:
     """Claim and finish a job with stats as the worker records them at the tests' pace."""
     width, height, steps = size
@@ -60,7 +64,7 @@ def render(
     stats: dict[str, Any] = {
         "rung": "resident",
         "encode_s": ENCODE_S,
-        "denoise_s": DENOISE_S_PER_PIXEL_STEP * pixels * steps + (60.0 if recompiles else 0.0),
+        "denoise_s": (DENOISE_S_PER_PIXEL_STEP * pixels + per_step_s) * steps + (60.0 if recompiles else 0.0),
         "decode_s": DECODE_SAVE_S_PER_PIXEL * pixels / 2,
         "save_s": DECODE_SAVE_S_PER_PIXEL * pixels / 2,
         "recompiles": recompiles,
@@ -109,3 +113,21 @@ def test_jobs_that_compiled_do_not_pace_the_batch(factory: sessionmaker[Session]
     assert eta(factory, batch[0]) is None  # nothing warm measured yet: no ETA rather than a wrong one
     render(factory, batch[1], MEDIUM)
     assert eta(factory, batch[0]) == pytest.approx(4 * expected_seconds(*MEDIUM), rel=0.01)
+
+
+def test_a_fixed_cost_per_step_is_not_charged_by_the_pixel(factory: sessionmaker[Session]) -> None:
+    """Small jobs' steps are mostly fixed cost; priced by pixels alone, large jobs read about 2x too long."""
+    per_step = 0.05
+    mixed = add_batch(factory, [SMALL, LARGE, SMALL, LARGE, LARGE, LARGE])
+    for job_id, size in zip(mixed[:4], [SMALL, LARGE, SMALL, LARGE], strict=True):
+        render(factory, job_id, size, per_step_s=per_step)
+    truth = 2 * (expected_seconds(*LARGE) + per_step * LARGE[2])
+    assert eta(factory, mixed[0]) == pytest.approx(truth, rel=0.01)
+
+
+def test_one_size_alone_is_priced_by_the_pixel_as_before(factory: sessionmaker[Session]) -> None:
+    batch = add_batch(factory, [MEDIUM] * 4)
+    render(factory, batch[0], MEDIUM, per_step_s=0.05)
+    render(factory, batch[1], MEDIUM, per_step_s=0.05)
+    truth = 2 * (expected_seconds(*MEDIUM) + 0.05 * 8)
+    assert eta(factory, batch[0]) == pytest.approx(truth, abs=0.05)  # the ETA is rounded to 0.1 s
