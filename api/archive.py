@@ -24,8 +24,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from jobs.filenames import image_stem
+from jobs.superseded import not_superseded
 from jobs.tables import Job
-from jobs.views import job_view, not_superseded
+from jobs.views import job_view
 
 PAGE_JOBS = 500
 # Sent with the archive: the images' total size, known before the zip is built (the CLI's progress bar).

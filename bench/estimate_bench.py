@@ -74,6 +74,7 @@ def measured_truth(stack: BenchStack, batch_id: str) -> dict[str, Any]:
         entry["peaks"].append(stats.peak_reserved_bytes or 0)
     wall = max(r[3] for r in rows) - min(r[2] for r in rows)
     return {
+        "jobs": [job_row(w, h, s, f, st) for w, h, s, f, st in sorted(rows, key=lambda r: r[2])],
         "wall_s": round(wall.total_seconds(), 2),
         "sizes": {
             size: {
@@ -83,6 +84,13 @@ def measured_truth(stack: BenchStack, batch_id: str) -> dict[str, Any]:
             for size, e in per_size.items()
         },
     }
+
+
+def job_row(width: int, height: int, started: Any, finished: Any, stats: JobStats) -> dict[str, Any]:
+    """One job's phases and times, for looking at the ETA's inputs afterwards."""
+    phases = ("load_s", "encode_s", "denoise_s", "decode_s", "save_s", "recompiles")
+    return {"size": f"{width}x{height}", "started": started.isoformat(), "finished": finished.isoformat(),
+            **{name: getattr(stats, name) for name in phases}}  # fmt: skip
 
 
 def compare(before: dict[str, Any], after: dict[str, Any], truth: dict[str, Any]) -> list[dict[str, Any]]:
@@ -143,6 +151,7 @@ def run_budget(args: argparse.Namespace, budget: float) -> dict[str, Any]:
         "real_wall_s": truth["wall_s"],
         "forecast_total_over_real": _ratio(before["seconds_total"], truth["wall_s"]),
         "sizes": compare(before, after, truth),
+        "jobs": truth["jobs"],
     }
 
 

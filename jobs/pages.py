@@ -18,8 +18,8 @@ from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from jobs.states import JobStatus, batch_status
+from jobs.superseded import not_superseded
 from jobs.tables import Batch, Job
-from jobs.views import not_superseded
 
 JOBS_LIST = "j"
 MAX_INDEX = 2**31  # batch_index is a 32-bit integer column

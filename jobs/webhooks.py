@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from jobs.db import transaction
 from jobs.settings import Settings
 from jobs.states import ACTIVE, batch_status
+from jobs.superseded import not_superseded
 from jobs.tables import Batch, Job, WebhookDelivery, utcnow
-from jobs.views import batch_counts, not_superseded
+from jobs.views import batch_counts
 from jobs.webhook_sending import DeliveryStatus, due_deliveries, send_delivery
 from jobs.webhook_targets import TargetRefused, checked_address
 

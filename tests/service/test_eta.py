@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, finish_job
 from jobs.params import GenerationParams
+from jobs.presence import announce_worker, mark_ready
 from jobs.settings import Settings
 from jobs.submit import insert_batch
 from jobs.tables import Batch, Job
@@ -131,3 +132,30 @@ def test_one_size_alone_is_priced_by_the_pixel_as_before(factory: sessionmaker[S
     render(factory, batch[1], MEDIUM, per_step_s=0.05)
     truth = 2 * (expected_seconds(*MEDIUM) + 0.05 * 8)
     assert eta(factory, batch[0]) == pytest.approx(truth, abs=0.05)  # the ETA is rounded to 0.1 s
+
+
+def test_with_a_forecast_the_sizes_not_yet_measured_follow_its_shape(factory: sessionmaker[Session]) -> None:
+    """The worker runs same-size jobs together: a mixed batch's first dozen images may all be 512x512.
+
+    Priced by pixel, each 1024x1024 job then cost 4x a 512x512 one, and the ETA read 2.5x high on the H100.
+    With the worker's forecast on record, its shape prices the other sizes, scaled by how the measured
+    jobs compared with it.
+    """
+    forecast = [
+        {"width": 512, "height": 512, "rung": "stream", "predicted_peak_bytes": 1, "fits": True,
+         "seconds_base": 0.3, "seconds_per_step": 0.05},
+        {"width": 1024, "height": 1024, "rung": "stream", "predicted_peak_bytes": 1, "fits": True,
+         "seconds_base": 0.5, "seconds_per_step": 0.1},
+    ]  # fmt: skip
+    with factory() as session:
+        worker = announce_worker(session, node="w@h", model=MODEL, dtype="bf16", offload_mode="auto")
+        mark_ready(session, worker_id=worker, device_name="gpu", vram_budget_bytes=1, forecast=forecast)
+    small, large = (512, 512, 8), (1024, 1024, 9)
+    batch = add_batch(factory, [small] * 4 + [large] * 3)
+    for job_id in batch[:4]:
+        render(factory, job_id, small)  # measured: expected_seconds(*small) each
+    measured_over_forecast = expected_seconds(*small) / (0.3 + 0.05 * 8)
+    truth = 3 * (0.5 + 0.1 * 9) * measured_over_forecast
+    assert eta(factory, batch[0]) == pytest.approx(truth, abs=0.05)
+    by_pixel = 3 * expected_seconds(*large)  # what the pace alone says: 4x the pixels, 4x the time
+    assert abs(truth - by_pixel) > 0.5
