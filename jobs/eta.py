@@ -1,9 +1,9 @@
 """A batch's ETA: its remaining jobs priced at the pace measured on it (or on its model's recent jobs).
 
-When the worker's planner forecast is on record for the batch's model, the remaining jobs are priced by
-that forecast's shape (a base plus a cost per step, per size) scaled by how the measured jobs compared
-with it: a batch whose first dozen images were all 512x512 (the worker runs same-size jobs together)
-used to price its 1024x1024 jobs at four times the 512x512 pace, and its ETA read 2.5x high.
+When the worker's planner forecast is on record for the batch's model, a size not yet measured on the
+batch is priced by the forecast: a batch whose first dozen images were all 512x512 (the worker runs
+same-size jobs together) used to price its 1024x1024 jobs at four times the 512x512 pace, and its ETA
+read 2.5x high on the H100.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Float, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from jobs.estimate_forecast import ForecastPoint, forecast_points, nearest_forecast
+from jobs.estimate_forecast import forecast_points, nearest_forecast
 from jobs.states import ACTIVE, JobStatus
 from jobs.superseded import not_superseded
 from jobs.tables import Job, JobStats, WorkerPresence
@@ -69,30 +69,30 @@ def eta_seconds(session: Session, batch_id: str, remaining: int) -> float | None
 
 
 def _forecast_eta(session: Session, batch_id: str) -> float | None:
-    """The remaining jobs at the forecast's seconds, times measured over forecast for the finished ones.
+    """Each remaining size at its mean measured on this batch, else at the worker's forecast for it.
 
-    None until a job of the batch is measured, or when no ready worker of its model left a forecast.
+    The same rule as the estimate before submitting. None until a job of the batch is measured, or when
+    no ready worker of its model left a forecast (then the pace prices every size).
     """
     model = session.execute(select(Job.model).where(Job.batch_id == batch_id).limit(1)).scalar()
     points = forecast_points(_latest_forecast(session, model)) if model else []
-    if not points:
+    measured = {
+        (w, h): seconds / (jobs * steps)
+        for w, h, steps, seconds, jobs in _measured_by_size(session, batch_id)
+    }
+    if not points or not measured:
         return None
-    measured, forecast = 0.0, 0.0
-    for width, height, steps, seconds, jobs in _measured_by_size(session, batch_id):
+    total = 0.0
+    for width, height, steps_left, jobs in _remaining_by_size(session, batch_id):
+        per_step = measured.get((width, height))
+        if per_step is not None:  # a measured size: its own seconds, per step of what is left
+            total += per_step * float(steps_left)
+            continue
         point = nearest_forecast(points, width, height)
         if point is None:
             return None
-        measured += seconds
-        forecast += point.seconds(steps) * jobs
-    if not measured or not forecast:
-        return None
-    left = sum(_priced(points, *row) for row in _remaining_by_size(session, batch_id))
-    return left * measured / forecast
-
-
-def _priced(points: list[ForecastPoint], width: int, height: int, steps_left: float, jobs: int) -> float:
-    point = nearest_forecast(points, width, height)
-    return 0.0 if point is None else point.seconds_base * jobs + point.seconds_per_step * steps_left
+        total += point.seconds_base * jobs + point.seconds_per_step * float(steps_left)
+    return total
 
 
 def _latest_forecast(session: Session, model: str) -> list[dict[str, Any]] | None:

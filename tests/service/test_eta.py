@@ -134,12 +134,12 @@ def test_one_size_alone_is_priced_by_the_pixel_as_before(factory: sessionmaker[S
     assert eta(factory, batch[0]) == pytest.approx(truth, abs=0.05)  # the ETA is rounded to 0.1 s
 
 
-def test_with_a_forecast_the_sizes_not_yet_measured_follow_its_shape(factory: sessionmaker[Session]) -> None:
+def test_with_a_forecast_a_size_not_yet_measured_is_priced_by_it(factory: sessionmaker[Session]) -> None:
     """The worker runs same-size jobs together: a mixed batch's first dozen images may all be 512x512.
 
     Priced by pixel, each 1024x1024 job then cost 4x a 512x512 one, and the ETA read 2.5x high on the H100.
-    With the worker's forecast on record, its shape prices the other sizes, scaled by how the measured
-    jobs compared with it.
+    With the worker's forecast on record, a size not measured yet is priced by the forecast, as the
+    estimate before submitting does; a measured size by its own measured time.
     """
     forecast = [
         {"width": 512, "height": 512, "rung": "stream", "predicted_peak_bytes": 1, "fits": True,
@@ -152,10 +152,9 @@ def test_with_a_forecast_the_sizes_not_yet_measured_follow_its_shape(factory: se
         mark_ready(session, worker_id=worker, device_name="gpu", vram_budget_bytes=1, forecast=forecast)
     small, large = (512, 512, 8), (1024, 1024, 9)
     batch = add_batch(factory, [small] * 4 + [large] * 3)
-    for job_id in batch[:4]:
-        render(factory, job_id, small)  # measured: expected_seconds(*small) each
-    measured_over_forecast = expected_seconds(*small) / (0.3 + 0.05 * 8)
-    truth = 3 * (0.5 + 0.1 * 9) * measured_over_forecast
+    for job_id in batch[:3]:
+        render(factory, job_id, small)
+    truth = expected_seconds(*small) + 3 * (0.5 + 0.1 * 9)  # one measured small left, three forecast large
     assert eta(factory, batch[0]) == pytest.approx(truth, abs=0.05)
-    by_pixel = 3 * expected_seconds(*large)  # what the pace alone says: 4x the pixels, 4x the time
+    by_pixel = expected_seconds(*small) + 3 * expected_seconds(*large)  # the pace alone: 4x pixels, 4x time
     assert abs(truth - by_pixel) > 0.5
