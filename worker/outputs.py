@@ -93,10 +93,28 @@ def image_path(outputs_dir: Path, claim: Claim) -> Path:
     return outputs_dir / (claim.batch_id or "single") / f"{stem}-{claim.lease_token[:8]}.png"
 
 
-def save_png_atomically(image: Image.Image, path: Path, metadata: PngInfo) -> None:
+def temporary_prefix(job_id: str) -> str:
+    """The name every attempt of a job gives its half-written file: hidden, and found by the job's id."""
+    return f".{job_id}-"
+
+
+def remove_dead_attempts_files(folder: Path, job_id: str) -> None:
+    """Once an attempt's image is committed, delete the half-written files of the job's other attempts.
+
+    An attempt killed mid-write (kill -9, a lost machine) leaves its temporary file behind, and nothing
+    else would ever remove it. Another attempt of the job still writing loses its file, and its rename
+    then fails as a lost attempt's commit does: the job is the committed attempt's.
+    """
+    for leftover in folder.glob(f"{temporary_prefix(job_id)}*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def save_png_atomically(
+    image: Image.Image, path: Path, metadata: PngInfo, *, prefix: str | None = None
+) -> None:
     """Write to a temporary file in the same folder, fsync, then rename, so no reader sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=prefix or f".{path.stem}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG", pnginfo=metadata)

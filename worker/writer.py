@@ -25,7 +25,13 @@ from jobs.db import with_retries
 from jobs.lifecycle import Claim, fail_job, finish_job
 from worker.engine import RenderRecord
 from worker.leases import LeaseKeeper
-from worker.outputs import image_path, png_metadata, save_png_atomically
+from worker.outputs import (
+    image_path,
+    png_metadata,
+    remove_dead_attempts_files,
+    save_png_atomically,
+    temporary_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +111,8 @@ class ImageWriter:
         path = image_path(self._outputs_dir, claim)
         started = time.perf_counter()
         try:
-            save_png_atomically(rendered.image, path, png_metadata(claim.job_id, claim.params))
+            metadata = png_metadata(claim.job_id, claim.params)
+            save_png_atomically(rendered.image, path, metadata, prefix=temporary_prefix(claim.job_id))
         except OSError as error:  # a full disk or a vanished folder fails this job, not the worker
             commit_fenced(
                 self._factory, fail_job, claim, error=f"could not write the image: {error}", stats=None
@@ -116,6 +123,7 @@ class ImageWriter:
         if not stored:
             path.unlink(missing_ok=True)  # our lease was taken back: this attempt's image is nobody's
             return "lease lost"
+        remove_dead_attempts_files(path.parent, claim.job_id)
         return "succeeded"
 
 

@@ -7,6 +7,7 @@ hook a test adds is removed before it ends.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,22 @@ def test_normal_job_succeeds_with_png_and_stats(
     assert plan["rung"] == "resident" and plan["predicted_peak_bytes"] == stats.predicted_peak_bytes
     assert plan["attempts"] and plan["attempts"][-1]["outcome"] == "ok"
     assert "notes" not in plan
+
+
+def test_a_killed_attempts_half_written_file_goes_when_the_job_succeeds(
+    runner: JobRunner, factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """A worker killed mid-write left `.tmp` files forever; the attempt that commits removes them."""
+    job_id, other_id = new_job(factory), str(uuid.uuid4())  # the other: a job of another worker
+    folder = settings.resolved_outputs_dir() / "single"
+    folder.mkdir(parents=True)
+    dead = folder / f".{job_id}-0badlease.tmp"  # what a kill -9 during the PNG write leaves
+    someone_elses = folder / f".{other_id}-5omeone.tmp"
+    dead.write_bytes(b"half a png")
+    someone_elses.write_bytes(b"another job's write in progress")
+    assert run_to_end(runner, job_id) == "rendered"
+    assert not dead.exists() and someone_elses.exists()
+    assert [p for p in files_under(folder) if p.suffix == ".tmp"] == [someone_elses]
 
 
 def test_fp16_nan_output_is_rendered_again_in_bf16(
