@@ -98,15 +98,29 @@ def temporary_prefix(job_id: str) -> str:
     return f".{job_id}-"
 
 
-def remove_dead_attempts_files(folder: Path, job_id: str) -> None:
-    """Once an attempt's image is committed, delete the half-written files of the job's other attempts.
+def remove_dead_attempts_files(path: Path, job_id: str) -> None:
+    """Once `path` is committed as the job's image, delete what the job's other attempts left beside it.
 
-    An attempt killed mid-write (kill -9, a lost machine) leaves its temporary file behind, and nothing
-    else would ever remove it. Another attempt of the job still writing loses its file, and its rename
-    then fails as a lost attempt's commit does: the job is the committed attempt's.
+    An attempt killed mid-write (kill -9, a lost machine) leaves its temporary file, or, killed between
+    its rename and its commit, a whole PNG under its own lease; nothing else would ever remove them.
+    A PNG goes only if its own metadata names this job: another job may share the name's stem.
     """
-    for leftover in folder.glob(f"{temporary_prefix(job_id)}*.tmp"):
+    for leftover in path.parent.glob(f"{temporary_prefix(job_id)}*.tmp"):
         leftover.unlink(missing_ok=True)
+    job_stem = path.stem.rsplit("-", 1)[0]  # the name without this attempt's lease
+    for other in path.parent.glob(f"{job_stem}-*.png"):
+        if other != path and png_job_id(other) == job_id:
+            other.unlink(missing_ok=True)
+
+
+def png_job_id(path: Path) -> str | None:
+    """The job id a PNG we wrote carries in its `nightrender` text (None if unreadable or not ours)."""
+    try:
+        with Image.open(path) as image:
+            found = json.loads(image.info.get("nightrender", "{}")).get("job_id")
+        return found if isinstance(found, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def save_png_atomically(

@@ -123,7 +123,7 @@ class ImageWriter:
         if not stored:
             path.unlink(missing_ok=True)  # our lease was taken back: this attempt's image is nobody's
             return "lease lost"
-        remove_dead_attempts_files(path.parent, claim.job_id)
+        remove_dead_attempts_files(path, claim.job_id)
         return "succeeded"
 
 

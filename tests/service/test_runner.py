@@ -27,6 +27,7 @@ from jobs.params import GenerationParams
 from jobs.settings import Settings
 from jobs.submit import insert_job, mark_published
 from jobs.tables import Job, JobStats
+from worker.outputs import png_metadata
 from worker.runner import EngineHolder, JobRunner
 
 pytestmark = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
@@ -144,17 +145,28 @@ def test_normal_job_succeeds_with_png_and_stats(
 def test_a_killed_attempts_half_written_file_goes_when_the_job_succeeds(
     runner: JobRunner, factory: sessionmaker[Session], settings: Settings
 ) -> None:
-    """A worker killed mid-write left `.tmp` files forever; the attempt that commits removes them."""
+    """A worker killed mid-write left a `.tmp` file, or between rename and commit a PNG, forever.
+
+    The attempt that commits the job's image removes both; files of other jobs stay, even under the
+    same name stem (same seed and prompt).
+    """
     job_id, other_id = new_job(factory), str(uuid.uuid4())  # the other: a job of another worker
+    with factory() as session:
+        job = session.get_one(Job, job_id)
+        stem, job_params = f"{job.seed}-{prompt_slug(job.prompt)}", params()
     folder = settings.resolved_outputs_dir() / "single"
     folder.mkdir(parents=True)
-    dead = folder / f".{job_id}-0badlease.tmp"  # what a kill -9 during the PNG write leaves
-    someone_elses = folder / f".{other_id}-5omeone.tmp"
-    dead.write_bytes(b"half a png")
-    someone_elses.write_bytes(b"another job's write in progress")
+    dead_tmp = folder / f".{job_id}-0badlease.tmp"  # a kill -9 during the PNG write
+    dead_png = folder / f"{stem}-0badlea5.png"  # a kill -9 between the rename and the commit
+    others_tmp, others_png = folder / f".{other_id}-5omeone.tmp", folder / f"{stem}-5omeone0.png"
+    dead_tmp.write_bytes(b"half a png")
+    others_tmp.write_bytes(b"another job's write in progress")
+    image = Image.new("RGB", (8, 8))
+    image.save(dead_png, pnginfo=png_metadata(job_id, job_params))
+    image.save(others_png, pnginfo=png_metadata(other_id, job_params))
     assert run_to_end(runner, job_id) == "rendered"
-    assert not dead.exists() and someone_elses.exists()
-    assert [p for p in files_under(folder) if p.suffix == ".tmp"] == [someone_elses]
+    result = Path(job_row(factory, job_id).result_path or "")
+    assert sorted(files_under(folder)) == sorted([result, others_tmp, others_png])
 
 
 def test_fp16_nan_output_is_rendered_again_in_bf16(
