@@ -62,7 +62,7 @@ def _say_up(stack: Stack) -> None:
         budget = "no VRAM cap" if cap is None else f"budget {gigabytes(cap)}"
         console.print(f"worker ready: {worker.model} ({worker.dtype}) on {worker.device_name}, {budget}")
     console.print(
-        f"nightrender is up at {stack.settings.resolved_api_url()} (docs at /docs), data in "
+        f"nightrender is up at {stack.settings.resolved_api_url()} (dashboard; API docs at /docs), data in "
         f"{stack.settings.data_dir.resolve()}. Ctrl-C or `nightrender stop` stops it."
     )
 
