@@ -13,7 +13,7 @@ import httpx
 from rich.console import Console
 from rich.progress import DownloadColumn, MofNCompleteColumn, Progress, TaskID, TransferSpeedColumn
 
-from cli.client import Client
+from cli.client import ApiError, Client
 from jobs.states import ACTIVE
 
 # What the API sends with the zip: the images' total size, known before the zip is built (api/archive.py).
@@ -44,6 +44,13 @@ def download_batch(client: Client, batch_id: str, out: Path, console: Console) -
     """Download what is done into OUT/BATCH_ID; raises ApiError before making a folder if it is refused."""
     folder = out / batch_id
     partial = folder / f".batch-{batch_id}.zip.part"
+    try:
+        return _download(client, batch_id, folder, partial, console)
+    except (httpx.HTTPError, zipfile.BadZipFile, OSError) as error:
+        raise ApiError(f"the download of {batch_id} was cut short ({error}); run it again") from None
+
+
+def _download(client: Client, batch_id: str, folder: Path, partial: Path, console: Console) -> Downloaded:
     with client.archive(batch_id) as response:
         estimate = _estimated_bytes(response)
         folder.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,8 @@ def _stack_for(client: Client, model: str | None, budget: str | None) -> Stack |
     from cli.stack import Stack, worker_overrides
 
     if not client.healthy():
+        if settings().api_url:  # a stack elsewhere that does not answer: starting one here would not help
+            fail(f"no nightrender API answers at {settings().api_url} (API_URL / --api-url)")
         console.print("starting the embedded stack (SQLite + embedded Redis + API + worker)...")
         return Stack(settings(), extra_env=worker_overrides(model, budget), exclusive=True)
     url = settings().resolved_api_url()

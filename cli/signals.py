@@ -12,7 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+# SIGHUP does not exist on Windows (SIGBREAK is its Ctrl-Break); take those the platform has.
+TERMINATING = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, name)
+)
 STOPPING = (signal.SIGINT, *TERMINATING)
 
 

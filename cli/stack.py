@@ -100,11 +100,12 @@ class Stack:
     def _prepare_metrics_folder(self) -> None:
         self.env.update(shared_metrics_env(self.settings))
 
-    def wait_worker_ready(self, name: str = "worker", timeout: float = 300.0) -> None:
+    def wait_worker_ready(self, name: str = "worker", timeout: float = 3 * 3600.0) -> None:
         """Block until the worker's presence row says ready (its model is placed), or raise with why not.
 
         The row is this process's own (its host and pid, started after the spawn), so nothing an earlier
-        run left behind can pass for it.
+        run left behind can pass for it. The wait is long: a first start downloads the model (20+ GB), and
+        a worker that dies or fails ends it at once.
         """
         process, since = self.processes[name], self._spawned_at[name]
         database = make_database(self.settings.resolved_database_url())

@@ -84,8 +84,12 @@ def stop(timeout: Annotated[float, typer.Option(help="seconds to wait for it to 
     lock = StackLock(config.data_dir)
     record = lock.running()
     if record is None:
+        for leftover in lock.stop_dead_holders_processes():  # `up` was killed with kill -9
+            console.print(f"stopped {leftover}, left running by a stack that did not stop")
         console.print(f"no stack is running from {config.data_dir.resolve()}")
         return
+    if record.pid <= 0:  # the lock is held but its record is not written yet (or another command probes)
+        fail("the stack is starting or being checked; try again in a few seconds")
     try:
         os.kill(record.pid, signal.SIGTERM)  # its owner stops its processes, as on Ctrl-C
     except (ProcessLookupError, PermissionError) as error:

@@ -65,6 +65,19 @@ class StackLock:
             self.record = None
             self._lock.release()
 
+    def stop_dead_holders_processes(self) -> list[str]:
+        """With the lock free, stop what a killed stack left running (its record says); returns those."""
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return []
+        try:
+            stopped = stop_leftovers(self.read())
+            self.record_path.unlink(missing_ok=True)
+        finally:
+            self._lock.release()
+        return stopped
+
     def running(self) -> StackRecord | None:
         """The record of the stack that holds the lock now, or None if none does."""
         if self.record is not None:
@@ -117,7 +130,8 @@ def _same_process(pid: int, started_at: float) -> psutil.Process | None:
     # A pid alone may have been reused by an unrelated program since; its start time tells them apart.
     try:
         process = psutil.Process(pid)
-        return process if abs(process.create_time() - started_at) < 0.01 else None
+        # Start times are derived from the boot time, which moves by whole seconds after a clock step.
+        return process if abs(process.create_time() - started_at) < 2.0 else None
     except psutil.Error:
         return None
 

@@ -47,8 +47,14 @@ def claim_broker(client: redis.Redis, *, queue_name: str, stack: str, database_u
         return
     raw = client.get(key)
     owner = json.loads(raw) if raw else mine
-    if owner.get("id") != stack:
-        raise StackConflict(_conflict_message(client, queue_name, owner.get("database", "?")))
+    if owner.get("id") == stack:
+        return
+    if owner.get("database") == mine["database"]:
+        # The same database, made again (a deleted SQLite file, a new volume): the queue is still ours.
+        log.warning("queue %r was claimed by an earlier database at this URL; taking it over", queue_name)
+        client.set(key, json.dumps(mine))
+        return
+    raise StackConflict(_conflict_message(client, queue_name, owner.get("database", "?")))
 
 
 def claim_broker_for(settings: Settings, factory: sessionmaker[Session]) -> None:

@@ -248,3 +248,30 @@ def test_a_command_with_no_api_running_says_how_to_start_one(tmp_path: Path) -> 
         assert result.returncode == 2, command
         assert f"no nightrender API answers at http://127.0.0.1:{env['API_PORT']}" in output(result)
         assert "nightrender up" in output(result) and "Traceback" not in output(result)
+
+
+def test_stop_after_a_killed_up_stops_what_it_left(tmp_path: Path, model_cache: Path) -> None:
+    """`up` killed with kill -9 used to leave its processes, and `stop` said only "no stack is running"."""
+    up = RunningUp(stack_env(tmp_path, model_cache, "h"))
+    try:
+        os.kill(up.process.pid, signal.SIGKILL)
+        up.process.wait(timeout=30)
+        result = cli(up.env, "stop")
+        assert result.returncode == 0
+        assert "left running by a stack that did not stop" in output(
+            result
+        ) and "stopped worker (pid" in output(result)
+        _, alive = psutil.wait_procs(up.children, timeout=30)
+        assert alive == []
+    finally:
+        up.kill_all()
+
+
+def test_run_against_an_api_elsewhere_that_does_not_answer_starts_nothing_here(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse\n")
+    remote = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
+    result = cli(env, "--api-url", remote, "run", str(prompts))
+    assert result.returncode == 2 and f"no nightrender API answers at {remote}" in output(result)
+    assert not (tmp_path / "data" / "logs").exists()  # no Redis, API or worker was started for it

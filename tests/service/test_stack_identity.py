@@ -80,3 +80,13 @@ def test_an_unreachable_broker_is_left_for_later(
     finally:
         database.dispose()
     assert "could not check which stack the broker serves" in caplog.text
+
+
+def test_a_database_made_again_at_the_same_url_takes_its_queue_back(settings: Settings) -> None:
+    """A deleted SQLite file (or a new volume) gets a new stack id; its own broker must not refuse it."""
+    client = redis.Redis.from_url(REDIS_URL)
+    url = settings.resolved_database_url()
+    claim_broker(client, queue_name=settings.queue_name, stack="the-earlier-database", database_url=url)
+    claim_broker(client, queue_name=settings.queue_name, stack=own_stack_id(settings), database_url=url)
+    recorded = client.get(identity_key(settings.queue_name))
+    assert recorded is not None and own_stack_id(settings).encode() in recorded
