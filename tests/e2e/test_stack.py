@@ -44,7 +44,14 @@ class RunningUp:
         self.process = subprocess.Popen(
             [*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        self.printed = read_until(self.process, READY, timeout_s=240)
+        try:
+            self.printed = read_until(self.process, READY, timeout_s=240)
+        except BaseException:  # never ready: stop it and whatever it started before failing the test
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                child.kill()
+            self.process.kill()
+            self.process.wait(timeout=30)
+            raise
         self.children = psutil.Process(self.process.pid).children(recursive=True)
 
     def kill_all(self) -> None:
