@@ -20,8 +20,8 @@ pytestmark = pytest.mark.e2e
 READY = "nightrender is up"
 
 
-def wait_for_line(process: subprocess.Popen[str], text: str, timeout_s: float) -> None:
-    """Read the CLI's output until a line holds `text`, or fail with what it printed."""
+def wait_for_line(process: subprocess.Popen[str], text: str, timeout_s: float) -> str:
+    """The output up to the first line holding `text` (whitespace folded), or fail with what was printed."""
     assert process.stdout is not None
     seen: list[str] = []
     deadline = time.monotonic() + timeout_s
@@ -31,7 +31,7 @@ def wait_for_line(process: subprocess.Popen[str], text: str, timeout_s: float) -
             break
         seen.append(line)
         if text in line:
-            return
+            return " ".join("".join(seen).split())
     pytest.fail(f"no {text!r} in the CLI's output:\n{''.join(seen)[-3000:]}")
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from cli.embedded_redis import redis_answers, redis_server_command
 from tests.e2e.test_cli import CLI, embedded_env, free_port
-from tests.e2e.test_cli_signals import READY
+from tests.e2e.test_cli_signals import READY, wait_for_line
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ class RunningUp:
             [*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         try:
-            self.printed = read_until(self.process, READY, timeout_s=240)
+            self.printed = wait_for_line(self.process, READY, timeout_s=240)
         except BaseException:  # never ready: stop it and whatever it started before failing the test
             for child in psutil.Process(self.process.pid).children(recursive=True):
                 child.kill()
@@ -62,21 +62,6 @@ class RunningUp:
         for process in self.children:
             if process.is_running():
                 process.kill()
-
-
-def read_until(process: subprocess.Popen[str], text: str, timeout_s: float) -> str:
-    """The CLI's output up to the first line holding `text` (fails the test if none comes)."""
-    assert process.stdout is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if text in line:
-            return " ".join("".join(seen).split())
-    pytest.fail(f"no {text!r} in the CLI's output:\n{''.join(seen)[-3000:]}")
 
 
 def stack_env(tmp_path: Path, model_cache: Path, name: str) -> dict[str, str]:
