@@ -5,7 +5,9 @@ Clients publish by task name, so the API never imports the worker's code.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +33,18 @@ MAX_PRIORITY = PRIORITY_STEPS[-1]
 # Messages per Redis pipeline round trip: 10,000 jobs go out in 10 round trips, not 10,000.
 PIPELINE_MESSAGES = 1000
 YIELD_EVERY = 32  # messages (about a millisecond of work) between handing over the GIL
+
+
+def model_queue(base: str, model: str) -> str:
+    """The Celery queue of one model's jobs: workers consume only the queue of the model they loaded.
+
+    Model names hold characters (':', '/', a folder path's spaces) that are awkward in queue names and
+    Redis keys, so they are reduced to [A-Za-z0-9._-]; a short hash of the exact name keeps two names
+    that reduce alike apart.
+    """
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
+    digest = hashlib.sha1(model.encode()).hexdigest()[:8]
+    return f"{base}.{readable}.{digest}"
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
