@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from jobs.filenames import image_stem
+from jobs.results import result_file, result_location
 from jobs.superseded import not_superseded
 from jobs.tables import Job
 from jobs.views import job_view
@@ -96,7 +97,7 @@ def _archived_jobs(
             entries = [(job_view(session, job), job) for job in jobs]
         for entry, job in entries:
             stem = image_stem(index=job.batch_index, seed=job.seed, prompt=job.prompt)
-            yield entry, _image_path(job, outputs_dir), stem
+            yield entry, result_file(outputs_dir, job.result_path), stem
         if len(jobs) < size:
             return
         after, size = jobs[-1].batch_index, page_size
@@ -112,14 +113,6 @@ def _page_query(batch_id: str, after: int, page_size: int) -> Any:
         .order_by(Job.batch_index)
         .limit(page_size)
     )
-
-
-def _image_path(job: Job, outputs_dir: Path) -> Path | None:
-    """The job's PNG if the worker wrote it under the outputs folder and it is still there."""
-    if not job.result_path:
-        return None
-    path = Path(job.result_path).resolve()
-    return path if path.is_relative_to(outputs_dir) and path.is_file() else None
 
 
 def _store(archive: zipfile.ZipFile, image: Path, name: str) -> bool:
@@ -163,19 +156,20 @@ def archived_image_bytes(session: Session, batch_id: str, outputs_dir: Path) -> 
     """The total size of the batch's image files: one query for their paths, one `stat` per file.
 
     Sent as a header before the zip, so a client can show a total. No `resolve()` per path (that is
-    ~10x the stat): a plain prefix check keeps files outside the outputs folder out of the sum, and
-    the archive itself still checks each file strictly before it sends any.
+    ~10x the stat): a lexical check keeps files outside the outputs folder out of the sum, and the
+    archive itself still checks each file strictly before it sends any.
     """
     query = select(Job.result_path).where(
         Job.batch_id == batch_id, Job.result_path.is_not(None), not_superseded()
     )
-    paths = session.scalars(query).all()
-    root = f"{outputs_dir}{os.sep}"
-    return sum(_file_size(path) for path in paths if path and os.path.normpath(path).startswith(root))
+    stored = session.scalars(query).all()
+    return sum(_file_size(result_location(outputs_dir, path)) for path in stored if path)
 
 
-def _file_size(path: str) -> int:
-    """The file's size in bytes, 0 if it is gone."""
+def _file_size(path: str | None) -> int:
+    """The file's size in bytes, 0 if it is gone (or lies outside the outputs folder: None)."""
+    if path is None:
+        return 0
     try:
         return os.stat(path).st_size
     except OSError:

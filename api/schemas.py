@@ -21,6 +21,10 @@ class JobCreated(BaseModel):
     id: str
     status: JobStatus
     seed: int | None
+    warnings: list[str] = Field(
+        description="things the client should know, e.g. that no running worker serves the model (its jobs "
+        "stay queued until one starts)"
+    )
 
 
 class BatchCreated(BaseModel):
@@ -30,6 +34,10 @@ class BatchCreated(BaseModel):
     job_ids: list[str]
     created: bool = Field(
         description="false when an earlier request with this Idempotency-Key made it (nothing new is queued)"
+    )
+    warnings: list[str] = Field(
+        description="things the client should know, e.g. that no running worker serves the model (its jobs "
+        "stay queued until one starts)"
     )
 
 
@@ -104,6 +112,9 @@ class JobView(BaseModel):
     created_at: str
     finished_at: str | None
     memory: JobMemory | None
+    unserved: bool = Field(
+        description="queued, and no live or starting worker serves its model: it waits for one to start"
+    )
 
 
 class JobRetried(BaseModel):
@@ -218,6 +229,9 @@ class BatchView(BaseModel):
     )
     created_at: str
     webhook: WebhookState | None = None
+    unserved_models: list[str] = Field(
+        description="models of its queued jobs that no live or starting worker serves: they wait for one"
+    )
 
 
 class BatchSummary(BaseModel):
@@ -266,8 +280,11 @@ class WorkerView(BaseModel):
     host: str
     state: str = Field(description="starting, ready, failed or stopped")
     model: str
+    queue: str = Field(description="the Celery queue of its model's jobs, the one it consumes")
     dtype: str
     device_name: str | None
+    gpu_index: int | None = Field(description="the GPU it is pinned to (nvidia-smi numbering); null if not")
+    device_uuid: str | None = Field(description="its card's UUID (GPU-...), null on the CPU")
     vram_budget_bytes: int | None = Field(description="the allocator cap on CUDA; null on the CPU")
     error: str | None = Field(description="why it could not start (state failed)")
     ready_at: str | None

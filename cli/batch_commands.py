@@ -27,7 +27,7 @@ from cli.render_options import (
     Steps,
     batch_fields,
 )
-from cli.render_views import follow_batch, memory_table
+from cli.render_views import follow_batch, memory_table, warnings_text
 from cli.run_command import INTERRUPTED, run
 from cli.status_views import FAILED_SHOWN, batch_status_view, batches_table, job_view
 
@@ -78,6 +78,8 @@ def submit(
     except (ValueError, ApiError) as error:
         fail(str(error))
     console.print(f"batch {created['id']}: {len(created['job_ids'])} jobs queued")
+    for line in warnings_text(created):
+        console.print(line)
 
 
 def status(

@@ -15,6 +15,7 @@ from cli.client import Client
 from jobs.states import TERMINAL
 
 PAUSED_LINE = "the queue is paused: no job starts until `nightrender resume`"
+SERVED_AGAIN_LINE = "every queued job's model has a worker again"
 
 
 class WorkerGone(RuntimeError):
@@ -40,12 +41,17 @@ def follow_batch(
         summary = client.batch(batch_id)
         task = progress.add_task("rendering", total=summary["total"], detail="")
         was_paused = False
+        was_unserved: list[str] = []
         while True:
             done = sum(summary["counts"][state] for state in TERMINAL)
             paused = done < summary["total"] and client.queue()["paused"]
             if paused != was_paused:  # said once as a line too: the bar is not drawn outside a terminal
                 progress.console.print(PAUSED_LINE if paused else "the queue is running again")
                 was_paused = paused
+            unserved = summary.get("unserved_models", [])
+            if unserved != was_unserved:
+                progress.console.print(unserved_line(unserved) if unserved else SERVED_AGAIN_LINE)
+                was_unserved = unserved
             progress.update(task, completed=done, detail=progress_detail(summary, paused=paused))
             if done >= summary["total"]:
                 return summary
@@ -53,6 +59,21 @@ def follow_batch(
                 raise WorkerGone("the worker exited before the batch finished; see `nightrender logs worker`")
             time.sleep(poll_s)
             summary = client.batch(batch_id)
+
+
+def unserved_line(models: list[str]) -> str:
+    """What the CLI says while queued jobs wait for a worker of their model (nothing fails meanwhile)."""
+    names = ", ".join(repr(model) for model in models)
+    starts = " or ".join(f"WORKER_MODEL={model}" for model in models)
+    return (
+        f"[yellow]waiting:[/yellow] no running worker serves {names}; those jobs stay queued until one "
+        f"starts (nightrender worker with {starts})"
+    )
+
+
+def warnings_text(answer: dict[str, Any]) -> list[str]:
+    """The API's warnings on a submission, each as a line to print."""
+    return [f"[yellow]warning:[/yellow] {warning}" for warning in answer.get("warnings", [])]
 
 
 def progress_detail(summary: dict[str, Any], *, paused: bool) -> str:

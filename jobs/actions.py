@@ -65,12 +65,12 @@ def retry_job(factory: sessionmaker[Session], publisher: Publisher, *, job_id: s
                 raise NotRetryable(
                     f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried"
                 )
-            created, priority = retry_jobs(session, job_ids=[job_id]), job.priority
+            created, priority, model = retry_jobs(session, job_ids=[job_id]), job.priority, job.model
     except IntegrityError:
         created = []  # a concurrent retry of the same job committed its copy first
     if not created:
         raise AlreadyRetried(f"job {job_id} was already retried")
-    publish_jobs(factory, publisher, [Publication(job_id=created[0], priority=priority)])
+    publish_jobs(factory, publisher, [Publication(job_id=created[0], priority=priority, model=model)])
     return created[0]
 
 
@@ -82,9 +82,11 @@ def retry_batch(
         with transaction(factory) as session:
             priority = owned_batch(session, batch_id=batch_id, owner=owner).priority
             created = retry_jobs(session, job_ids=_batch_job_ids(session, batch_id))
+            models = _batch_job_models(session, batch_id)
     except IntegrityError:
         raise AlreadyRetried(f"batch {batch_id} is being retried already") from None
-    publish_jobs(factory, publisher, [Publication(job_id=job_id, priority=priority) for job_id in created])
+    publications = [Publication(job_id=job_id, priority=priority, model=models[job_id]) for job_id in created]
+    publish_jobs(factory, publisher, publications)
     return created
 
 
@@ -100,6 +102,12 @@ def cancel_batch(factory: sessionmaker[Session], *, batch_id: str, owner: str) -
     with transaction(factory) as session:
         owned_batch(session, batch_id=batch_id, owner=owner)
         request_cancel(session, job_ids=_batch_job_ids(session, batch_id))
+
+
+def _batch_job_models(session: Session, batch_id: str) -> dict[str, str]:
+    """Each of the batch's jobs' model (the queue its message goes to), new copies included."""
+    session.flush()
+    return dict(session.execute(select(Job.id, Job.model).where(Job.batch_id == batch_id)).tuples().all())
 
 
 def _batch_job_ids(session: Session, batch_id: str) -> list[str]:

@@ -339,13 +339,22 @@ def retry_jobs(session: Session, *, job_ids: list[str]) -> list[str]:
     return created
 
 
+def can_share_encoding(claim: Claim) -> bool:
+    """Whether a claimed job may share its text-encoder pass: no guidance, and its first attempt.
+
+    A job that already crashed a worker runs alone, so a poison job cannot take healthy jobs down with
+    it twice.
+    """
+    return claim.params.guidance_scale == 0 and claim.attempt <= 1
+
+
 def groupmates(session: Session, *, claim: Claim, limit: int) -> list[str]:
     """Queued jobs that can share this job's text-encoder pass: same model and dtype, no guidance.
 
-    Only first attempts are grouped: a job that already crashed a worker runs alone, so a poison job
-    cannot take healthy jobs down with it twice.
+    The same model is the worker's own (it claims only those, see jobs.ordering), so a group never
+    takes another model's job. Only first attempts are grouped (`can_share_encoding`).
     """
-    if limit <= 0 or claim.params.guidance_scale > 0 or claim.attempt > 1:
+    if limit <= 0 or not can_share_encoding(claim):
         return []
     # Within a priority, jobs of the claimed job's size first: the worker's placement and compiled
     # shapes already suit them.

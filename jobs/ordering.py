@@ -1,15 +1,24 @@
 """Which queued jobs to try next: FIFO by priority, preferring the worker's last size, never starving anyone.
 
+A worker only ever sees the jobs of the model it serves (WORKER_MODEL): the broker routes each model's
+messages to that model's queue, and the claim in SQL agrees.
+
 Within the head's priority, a job with the model, dtype and size the worker ran last goes ahead of the
 head, so the worker does not switch sizes. The head is passed over for at most `max_wait_s` (counted
 from the first time it was passed over); then it runs, whatever the preference.
+
+With many workers the preference stays fair: it only reorders one worker's own next claim, which takes
+one job and holds nothing, so another idle worker (preferring another size, or nothing) claims the head
+at once. Each worker keeps its own PassedOver record, so the head waits at most `max_wait_s` from the
+first time any worker passed it over (plus the job that worker was rendering): that worker claims it
+next. How many jobs one claim may add to its text-encoder group is `fair_groupmates`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Row, Select, select
+from sqlalchemy import Row, Select, func, select
 from sqlalchemy.orm import Session
 
 from jobs.params import GenerationParams
@@ -80,16 +89,16 @@ class PassedOver:
         return len(self._since)
 
 
-def _queued(limit: int) -> Select:
-    """Claimable queued jobs' ids and sizes in FIFO order, at most `limit`."""
+def _queued(model: str, limit: int) -> Select:
+    """Claimable queued jobs of `model`: ids and sizes in FIFO order, at most `limit`."""
     columns = (Job.id, Job.priority, Job.model, Job.dtype, Job.width, Job.height)
-    return select(*columns).where(*CLAIMABLE).order_by(*FIFO).limit(limit)
+    return select(*columns).where(*CLAIMABLE, Job.model == model).order_by(*FIFO).limit(limit)
 
 
-def _first_preferred(session: Session, preference: Preference, priority: int) -> str | None:
-    """The oldest claimable job of the preferred model, dtype and size at this priority."""
+def _first_preferred(session: Session, model: str, preference: Preference, priority: int) -> str | None:
+    """The oldest claimable job of `model` with the preferred model, dtype and size at this priority."""
     return session.scalar(
-        _queued(1).where(
+        _queued(model, 1).where(
             Job.priority == priority,
             Job.model == preference.model,
             Job.dtype == preference.dtype,
@@ -102,21 +111,49 @@ def _first_preferred(session: Session, preference: Preference, priority: int) ->
 def next_job_ids(
     session: Session,
     *,
+    model: str,
     preference: Preference | None,
     passed_over: PassedOver,
     max_wait_s: float,
     now: float,
     limit: int = 8,
 ) -> list[str]:
-    """The claimable queued jobs to try, best first: FIFO, or one preferred job just ahead of the head."""
-    rows = session.execute(_queued(max(limit, 1))).all()
+    """Claimable queued jobs of `model` to try, best first: FIFO, or one preferred job ahead of the head."""
+    rows = session.execute(_queued(model, max(limit, 1))).all()
     fifo = [row.id for row in rows][:limit]
     head = rows[0] if rows else None
     passed_over.retain(head.id if head else None)
     if head is None or preference is None or max_wait_s <= 0 or preference.matches(head):
         return fifo
-    preferred = _first_preferred(session, preference, head.priority)
+    preferred = _first_preferred(session, model, preference, head.priority)
     if preferred is None or passed_over.waited(head.id, now) >= max_wait_s:
         return fifo
     passed_over.note(head.id, now)
     return [preferred, *(job_id for job_id in fifo if job_id != preferred)][:limit]
+
+
+def claimable_count(session: Session, *, model: str, at_most: int) -> int:
+    """How many queued jobs of `model` a worker could claim now, counted up to `at_most`.
+
+    The bound keeps the count as cheap as the claim's own query with 10,000 jobs queued.
+    """
+    claimable = select(Job.id).where(*CLAIMABLE, Job.model == model).limit(max(at_most, 0)).subquery()
+    return session.scalar(select(func.count()).select_from(claimable)) or 0
+
+
+def fair_groupmates(*, queued: int, workers: int, max_groupmates: int) -> int:
+    """How many groupmates a worker may add to the job it just claimed, so sharing stays fair.
+
+    The rule: a group claim never takes work that another idle worker would have started sooner.
+    A worker renders its k groupmates one after another, the last one starting about k jobs from
+    now; in that time each of the other `workers - 1` workers serving the model starts about k jobs
+    of its own. So the worker takes k groupmates only while at least k of the `queued` jobs (the
+    model's claimable jobs left after its first claim) remain for each other worker:
+    queued - k >= k * (workers - 1), that is k <= queued // workers, capped by `max_groupmates`
+    (ENCODE_GROUP_SIZE - 1). With one worker this is every compatible job up to the cap.
+
+    `workers` counts live and starting workers (jobs.serving), the claimer among them; it is at
+    least 1. It assumes the other workers are idle and as fast: a busy or slower worker would start
+    its share later, so the rule errs towards smaller groups, which only costs shared encoder passes.
+    """
+    return max(0, min(max_groupmates, queued // max(workers, 1)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +19,9 @@ from sqlalchemy.orm import Session
 from jobs.tables import WorkerPresence, utcnow
 
 STARTING, READY, FAILED, STOPPED = "starting", "ready", "failed", "stopped"
+# The card a worker serves, as the host numbers it (nvidia-smi's index): `nightrender worker --gpu N` and
+# `up --gpus` set it; compose sets it beside the device it reserves. It names the worker and enters its stats.
+WORKER_GPU = "WORKER_GPU"
 
 
 def this_host() -> str:
@@ -25,8 +29,23 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def announce_worker(session: Session, *, node: str, model: str, dtype: str, offload_mode: str) -> str:
-    """Record a worker process that is starting (before its model loads); returns its presence id."""
+def pinned_gpu(environ: Mapping[str, str]) -> int | None:
+    """The GPU index WORKER_GPU names (None when unset or empty); ValueError if it is not one."""
+    text = environ.get(WORKER_GPU, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"{WORKER_GPU} must be a GPU index (0, 1, ...), not {text!r}")
+    return int(text)
+
+
+def announce_worker(
+    session: Session, *, node: str, model: str, dtype: str, offload_mode: str, gpu_index: int | None = None
+) -> str:
+    """Record a worker process that is starting (before its model loads); returns its presence id.
+
+    `gpu_index` is the card it is pinned to, as the host numbers it (None when not pinned).
+    """
     presence = WorkerPresence(
         id=str(uuid.uuid4()),
         node=node,
@@ -36,6 +55,7 @@ def announce_worker(session: Session, *, node: str, model: str, dtype: str, offl
         model=model,
         dtype=dtype,
         offload_mode=offload_mode,
+        gpu_index=gpu_index,
     )
     session.add(presence)
     session.commit()
@@ -49,11 +69,12 @@ def mark_ready(
     device_name: str,
     vram_budget_bytes: int | None,
     forecast: list[dict[str, Any]] | None = None,
+    device_uuid: str | None = None,
 ) -> None:
-    """The model is loaded and placed: the worker takes jobs from now on."""
+    """The model is loaded and placed: the worker takes jobs from now on (on the card `device_uuid`)."""
     now = utcnow()
-    _update(session, worker_id, state=READY, device_name=device_name, vram_budget_bytes=vram_budget_bytes,
-            forecast=forecast, ready_at=now, beat_at=now)  # fmt: skip
+    _update(session, worker_id, state=READY, device_name=device_name, device_uuid=device_uuid,
+            vram_budget_bytes=vram_budget_bytes, forecast=forecast, ready_at=now, beat_at=now)  # fmt: skip
 
 
 def mark_failed(session: Session, *, worker_id: str, error: str) -> None:

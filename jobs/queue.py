@@ -91,18 +91,21 @@ def broker_priority(priority: int) -> int:
 
 @dataclass(frozen=True)
 class Publication:
-    """One wake-up message: which job, at what priority."""
+    """One wake-up message: which job, at what priority, for which model (the queue it goes to)."""
 
     job_id: str
     priority: int
+    model: str
 
 
 class Publisher:
-    """Sends wake-up messages for committed jobs; the Celery task id is the job id."""
+    """Sends wake-up messages for committed jobs to their model's queue; the Celery task id is the job id."""
 
     def __init__(self, settings: Settings) -> None:
         self._app = make_celery(settings, name="nightrender-publisher")
-        self._queue = settings.queue_name
+        self._base = settings.queue_name
+        # Every model a job may name: their queues are the ones `live_job_ids` reads without being told.
+        self._models = frozenset([*settings.allowed_model_names(), settings.resolved_worker_model()])
         self._origin = anon_nodename()  # what `send_task` would compute again for every message
         self._pinger = redis.Redis.from_url(
             settings.resolved_redis_url(),
@@ -110,6 +113,10 @@ class Publisher:
             socket_timeout=2,
             retry=Retry(NoBackoff(), 0),
         )
+
+    def queue_for(self, model: str) -> str:
+        """The Celery queue of this model's jobs."""
+        return model_queue(self._base, model)
 
     def publish(self, items: Iterable[Publication]) -> list[str]:
         """Publish over one connection, PIPELINE_MESSAGES per round trip; returns the job ids sent.
@@ -123,7 +130,9 @@ class Publisher:
         # publish to a queue whose binding no longer exists.
         with self._app.connection_for_write() as connection:
             channel = connection.default_channel
-            maybe_declare(self._app.amqp.queues[self._queue], channel)  # once, as send_task would
+            for queue in sorted({self.queue_for(item.model) for item in items}):
+                # Once per queue, as send_task would: the app builds the Queue a worker's `-Q` builds.
+                maybe_declare(self._app.amqp.queues[queue], channel)
             with channel.client.pipeline(transaction=False) as pipeline:
                 for start in range(0, len(items), PIPELINE_MESSAGES):
                     for name, messages in self._messages_by_list(
@@ -134,18 +143,20 @@ class Publisher:
         return [item.job_id for item in items]
 
     def _messages_by_list(self, channel: Channel, items: list[Publication]) -> list[tuple[str, list[str]]]:
-        """Each job's message, grouped by the priority list kombu's Redis transport keeps it in."""
+        """Each job's message, grouped by the priority list of its model's queue it is kept in."""
         lists: dict[str, list[str]] = {}
         for index, item in enumerate(items):
             step = broker_priority(item.priority)
-            name = priority_list(channel, self._queue, step)
-            lists.setdefault(name, []).append(self._message(channel, item, step))
+            queue = self.queue_for(item.model)
+            lists.setdefault(priority_list(channel, queue, step), []).append(
+                self._message(channel, item, queue, step)
+            )
             if index % YIELD_EVERY == 0:
                 time.sleep(0)  # hand the GIL to the API's event loop now and then
         return list(lists.items())
 
-    def _message(self, channel: Channel, item: Publication, step: int) -> str:
-        """The message `send_task` sends for this job, as kombu's Redis transport stores it.
+    def _message(self, channel: Channel, item: Publication, queue: str, step: int) -> str:
+        """The message `send_task(..., queue=queue)` sends for this job, as kombu's Redis transport stores it.
 
         Built here because `send_task` costs 0.5 ms a message (10,000 of them took 4 s), and even
         kombu's own publish batch spends half its time on routing and wrappers a fixed queue does not
@@ -168,7 +179,8 @@ class Publisher:
         message = channel.prepare_message(body, step, content_type, encoding, task.headers, properties)
         message["body"], body_encoding = channel.encode_body(message["body"], channel.body_encoding)
         message["properties"].update(body_encoding=body_encoding, delivery_tag=uuid())
-        message["properties"]["delivery_info"].update(exchange="", routing_key=self._queue)
+        # send_task's anonymous exchange for a direct queue: kombu routes by the queue's name.
+        message["properties"]["delivery_info"].update(exchange="", routing_key=queue)
         return str(json_dumps(message))
 
     def ping(self) -> None:
@@ -177,12 +189,16 @@ class Publisher:
         # CPU, and /healthz is polled while big batches are being published.
         self._pinger.ping()
 
-    def live_job_ids(self) -> set[str]:
-        """Job ids with a message waiting in the queue or delivered and not yet acknowledged."""
+    def live_job_ids(self, models: Iterable[str] = ()) -> set[str]:
+        """Job ids with a message waiting or delivered and not yet acknowledged, in any model's queue.
+
+        Reads the queues of every allowed model and of `models` (the reconciler adds the models of the
+        queued jobs in SQL, so a model no longer allowed is still read while it has jobs waiting).
+        """
         with self._app.connection_for_write() as connection:
             channel = connection.default_channel
             live: set[str] = set()
-            for name in priority_lists(channel, self._queue):
+            for name in self._priority_lists(channel, models):
                 live.update(_task_id(raw) for raw in channel.client.lrange(name, 0, -1))
             # kombu's hash of delivered, not yet acknowledged messages (shared by every queue).
             for raw in channel.client.hvals(channel.unacked_key):
@@ -190,11 +206,16 @@ class Publisher:
             live.discard("")
             return live
 
-    def queue_length(self) -> int:
-        """Messages waiting in the broker across all priority lists (for tests and ops)."""
+    def queue_length(self, models: Iterable[str] = ()) -> int:
+        """Messages waiting in the broker across every model's priority lists (for tests and ops)."""
         with self._app.connection_for_write() as connection:
             channel = connection.default_channel
-            return int(sum(channel.client.llen(name) for name in priority_lists(channel, self._queue)))
+            return int(sum(channel.client.llen(name) for name in self._priority_lists(channel, models)))
+
+    def _priority_lists(self, channel: Channel, models: Iterable[str]) -> list[str]:
+        """The Redis lists of the queues of every allowed model and of `models`."""
+        queues = sorted({self.queue_for(model) for model in self._models.union(models)})
+        return [name for queue in queues for name in priority_lists(channel, queue)]
 
 
 def _task_id(raw: bytes) -> str:

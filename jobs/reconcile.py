@@ -51,15 +51,20 @@ def mark_lost_messages(session: Session, *, live: set[str], older_than_s: float)
     return len(lost)
 
 
+def queued_models(session: Session) -> set[str]:
+    """The models of the queued jobs: the queues their messages wait in."""
+    return set(session.scalars(select(Job.model).where(Job.status == JobStatus.QUEUED).distinct()))
+
+
 def unpublished_jobs(session: Session, *, limit: int) -> list[Publication]:
     """Queued jobs with no message sent yet (publishing failed, or they were requeued)."""
     rows = session.execute(
-        select(Job.id, Job.priority)
+        select(Job.id, Job.priority, Job.model)
         .where(Job.status == JobStatus.QUEUED, Job.published_at.is_(None))
         .order_by(Job.priority.desc(), Job.created_at, Job.batch_index)
         .limit(limit)
     ).all()
-    return [Publication(job_id=row.id, priority=row.priority) for row in rows]
+    return [Publication(job_id=row.id, priority=row.priority, model=row.model) for row in rows]
 
 
 def reconcile_once(
@@ -79,7 +84,11 @@ def reconcile_once(
     if paused:
         return ReconcileReport(requeued=requeued, failed=failed, republished=0)
     if republish_after_s is not None:
-        live = publisher.live_job_ids()
+        # Every queued job's model queue is read, served or not: a message waiting for a worker that
+        # has not started yet is live, and republishing it would add a duplicate every pass.
+        with factory() as session:
+            models = queued_models(session)
+        live = publisher.live_job_ids(models)
         with transaction(factory) as session:
             mark_lost_messages(session, live=live, older_than_s=republish_after_s)
     republished = 0

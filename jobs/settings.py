@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset means SQLite in DATA_DIR")
     redis_url: str | None = Field(None, description="Broker URL; unset means the embedded Redis")
     outputs_dir: Path | None = Field(
-        None, description="Where images are written; unset means DATA_DIR/outputs"
+        None,
+        description="Where images are written; unset means DATA_DIR/outputs. Jobs record their image "
+        "relative to it, so machines may mount one shared volume at different paths",
     )
     model_cache_dir: Path | None = Field(
         None, description="Synthetic pipelines and the hub cache; unset means DATA_DIR/models"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,10 +47,14 @@ class Submission:
     created: bool
     priority: int = 0
     seed: int | None = None  # a single job's seed, as stored
+    models: list[str] = field(default_factory=list)  # each new job's model, as job_ids; empty if found
 
     def publications(self) -> list[Publication]:
-        """The wake-up messages this submission needs."""
-        return [Publication(job_id=job_id, priority=self.priority) for job_id in self.job_ids]
+        """The wake-up messages this submission needs, each to its job's model queue."""
+        return [
+            Publication(job_id=job_id, priority=self.priority, model=model)
+            for job_id, model in zip(self.job_ids, self.models, strict=True)
+        ]
 
 
 def job_row(
@@ -97,7 +101,13 @@ def insert_batch(
     shared = {"batch_id": batch_id, "priority": priority, "max_attempts": max_attempts, "owner": owner}
     rows = batch_job_rows(params, shared={**shared, "published_at": published_at})
     bulk_insert_jobs(session, rows)
-    return Submission(batch_id=batch_id, job_ids=[row["id"] for row in rows], created=True, priority=priority)
+    return Submission(
+        batch_id=batch_id,
+        job_ids=[row["id"] for row in rows],
+        created=True,
+        priority=priority,
+        models=[row["model"] for row in rows],
+    )
 
 
 def batch_job_rows(params: Sequence[GenerationParams], *, shared: dict[str, Any]) -> list[dict[str, Any]]:
@@ -154,7 +164,14 @@ def insert_job(
         "request_hash": idempotency.request_hash if idempotency else None,
     }
     session.execute(insert(Job), [row])
-    return Submission(batch_id=None, job_ids=[row["id"]], created=True, priority=priority, seed=params.seed)
+    return Submission(
+        batch_id=None,
+        job_ids=[row["id"]],
+        created=True,
+        priority=priority,
+        seed=params.seed,
+        models=[params.model],
+    )
 
 
 def existing_batch(session: Session, *, owner: str, idempotency: Idempotency) -> Submission | None:

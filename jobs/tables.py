@@ -204,6 +204,11 @@ class JobStats(Base):
     # Attempts that ran out of memory (counted from the record), so /metrics reads no JSON (migration 0008).
     oom_attempts: Mapped[int] = mapped_column(Integer, default=0)
     device_name: Mapped[str] = mapped_column(String(200))
+    # Which worker rendered it, on which card (migration 0010): the index the host numbers it by, and the
+    # device's UUID (GPU-...), which names the card whatever CUDA_VISIBLE_DEVICES or a container renumbered.
+    worker: Mapped[str | None] = mapped_column(String(200))
+    gpu_index: Mapped[int | None] = mapped_column(Integer)
+    device_uuid: Mapped[str | None] = mapped_column(String(64))
     torch_version: Mapped[str] = mapped_column(String(50))
     diffusers_version: Mapped[str] = mapped_column(String(50))
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -269,6 +274,9 @@ class WorkerPresence(Base):
     dtype: Mapped[str] = mapped_column(String(8))
     offload_mode: Mapped[str] = mapped_column(String(16))
     device_name: Mapped[str | None] = mapped_column(String(200))
+    # The card it is pinned to (WORKER_GPU, as the host numbers it) and the device's UUID (migration 0010).
+    gpu_index: Mapped[int | None] = mapped_column(Integer)
+    device_uuid: Mapped[str | None] = mapped_column(String(64))
     vram_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
     # The planner's forecast for common sizes under this worker's budget (worker/engine/forecast.py).

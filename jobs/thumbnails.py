@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from jobs.results import result_file
 from jobs.states import JobStatus
 from jobs.tables import Job
 
@@ -64,8 +65,8 @@ def image_of(job: Job, outputs_dir: Path) -> Path:
     """The job's PNG, only if the worker wrote it under the outputs folder and it is still there."""
     if job.status != JobStatus.SUCCEEDED or not job.result_path:
         raise NoImage(f"job {job.id} has no image: it is {job.status.value}")
-    path = Path(job.result_path).resolve()
-    if not path.is_relative_to(outputs_dir) or not path.is_file():
+    path = result_file(outputs_dir, job.result_path)
+    if path is None:
         raise ImageGone(f"the image of job {job.id} is no longer on disk")
     return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Set
 from typing import Any
 
 from sqlalchemy import case, func, select
@@ -37,9 +38,9 @@ def memory_view(stats: JobStats | None) -> dict[str, Any] | None:
     return view
 
 
-def job_view(session: Session, job: Job) -> dict[str, Any]:
-    """What `GET /v1/jobs/{id}` returns."""
-    return {
+def job_view(session: Session, job: Job, *, served: Set[str] | None = None) -> dict[str, Any]:
+    """What `GET /v1/jobs/{id}` returns; `unserved` is added when the served models are given."""
+    view: dict[str, Any] = {
         "id": job.id,
         "batch_id": job.batch_id,
         "status": job.status,
@@ -64,27 +65,39 @@ def job_view(session: Session, job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "memory": memory_view(job.stats),
     }
+    if served is not None:
+        view["unserved"] = job.status == JobStatus.QUEUED and job.model not in served
+    return view
 
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     """How many of a batch's jobs are in each state (every state listed)."""
+    return batch_counts_and_queued_models(session, batch_id)[0]
+
+
+def batch_counts_and_queued_models(session: Session, batch_id: str) -> tuple[dict[str, int], set[str]]:
+    """How many of a batch's jobs are in each state, and the models of its queued jobs, in one query."""
     rows = session.execute(
-        select(Job.status, func.count())
+        select(Job.status, Job.model, func.count())
         .where(Job.batch_id == batch_id, not_superseded())
-        .group_by(Job.status)
+        .group_by(Job.status, Job.model)
     ).all()
     counts = {status.value: 0 for status in JobStatus}
-    counts.update({status: int(n) for status, n in rows})
-    return counts
+    for status, _model, n in rows:
+        counts[status] += int(n)
+    return counts, {model for status, model, _n in rows if status == JobStatus.QUEUED}
 
 
-def batch_view(session: Session, batch: Batch) -> dict[str, Any]:
-    """What `GET /v1/batches/{id}` returns, with progress in [0, 1] and an ETA from measured times."""
-    counts = batch_counts(session, batch.id)
+def batch_view(session: Session, batch: Batch, *, served: Set[str] | None = None) -> dict[str, Any]:
+    """What `GET /v1/batches/{id}` returns, with progress in [0, 1] and an ETA from measured times.
+
+    `unserved_models` (the models of its queued jobs no worker serves) is added when `served` is given.
+    """
+    counts, queued_models = batch_counts_and_queued_models(session, batch.id)
     done = sum(counts[s] for s in TERMINAL)
     steps_done, steps_total = _step_progress(session, batch.id)
     remaining = batch.total_jobs - done
-    return {
+    view: dict[str, Any] = {
         "id": batch.id,
         "status": batch_status(counts).value,
         "total": batch.total_jobs,
@@ -93,6 +106,9 @@ def batch_view(session: Session, batch: Batch) -> dict[str, Any]:
         "eta_seconds": eta_seconds(session, batch.id, remaining),
         "created_at": batch.created_at.isoformat(),
     }
+    if served is not None:
+        view["unserved_models"] = sorted(queued_models - served)
+    return view
 
 
 def _step_progress(session: Session, batch_id: str) -> tuple[int, int]:

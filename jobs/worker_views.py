@@ -37,6 +37,8 @@ def worker_view(worker: WorkerPresence, *, live: bool) -> dict[str, Any]:
         "model": worker.model,
         "dtype": worker.dtype,
         "device_name": worker.device_name,
+        "gpu_index": worker.gpu_index,
+        "device_uuid": worker.device_uuid,
         "vram_budget_bytes": worker.vram_budget_bytes,
         "error": worker.error,
         "ready_at": worker.ready_at.isoformat() if worker.ready_at else None,

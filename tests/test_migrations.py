@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, MetaData, Table, create_engine, insert, inspect, text
+from sqlalchemy import Engine, MetaData, Table, create_engine, insert, inspect, select, text
 from sqlalchemy.orm import Session
 
 from jobs import migrate
@@ -152,8 +152,11 @@ def test_0008_turns_plans_into_json_records_and_back(empty_database_url: str, en
     migrate.upgrade(empty_database_url, "0008")
     with Session(engine) as session:
         for job_id, (mode, _plan, record, ran_out) in ROWS.items():
-            stats = session.get_one(JobStats, job_id)
-            assert (stats.rung, stats.plan, stats.oom_attempts) == (mode, record, ran_out), job_id
+            # The model's columns as of 0008 only: later revisions add more.
+            query = select(JobStats.rung, JobStats.plan, JobStats.oom_attempts).where(
+                JobStats.job_id == job_id
+            )
+            assert tuple(session.execute(query).one()) == (mode, record, ran_out), job_id
     assert stats_indexes(engine) == {"ix_job_stats_recorded_at"}
     (foreign_key,) = inspect(engine).get_foreign_keys("job_stats")
     assert foreign_key["options"].get("ondelete") == "CASCADE"
@@ -171,3 +174,43 @@ def test_0008_turns_plans_into_json_records_and_back(empty_database_url: str, en
         "job-not-json": ("none", None),  # text that was never a plan does not come back
     }
     assert stats_indexes(engine) == {"ix_job_stats_recorded_at"}
+
+
+def columns(engine: Engine, table: str) -> set[str]:
+    """The names of a table's columns."""
+    return {column["name"] for column in inspect(engine).get_columns(table)}
+
+
+IDENTITY = {"worker", "gpu_index", "device_uuid"}
+
+
+@pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
+def test_0010_adds_which_worker_and_card_and_takes_them_back(empty_database_url: str, engine: Engine) -> None:
+    """job_stats gains worker, gpu_index and device_uuid, workers gains gpu_index and device_uuid (empty on
+    the rows already there), and the downgrade drops them, keeping the rows and the indexes."""
+    migrate.upgrade(empty_database_url, "0007")
+    insert_old_rows(engine)
+    migrate.upgrade(empty_database_url, "0009")
+    now = datetime.now(UTC)
+    presence = {"id": "w1", "node": "celery@a", "host": "a", "pid": 1, "state": "ready", "model": "m"}
+    presence |= {"dtype": "bf16", "offload_mode": "auto", "started_at": now, "beat_at": now}
+    with engine.begin() as connection:
+        connection.execute(insert(Table("workers", MetaData(), autoload_with=engine)).values(**presence))
+    stats_before, workers_before = columns(engine, "job_stats"), columns(engine, "workers")
+
+    migrate.upgrade(empty_database_url, "0010")
+    assert columns(engine, "job_stats") == stats_before | IDENTITY
+    assert columns(engine, "workers") == workers_before | {"gpu_index", "device_uuid"}
+    with engine.connect() as connection:
+        row = connection.execute(text("SELECT node, gpu_index, device_uuid FROM workers")).one()
+        stats = connection.execute(text("SELECT worker, gpu_index, device_uuid FROM job_stats")).all()
+    assert tuple(row) == ("celery@a", None, None)
+    assert [tuple(identity) for identity in stats] == [(None, None, None)] * len(ROWS)
+
+    migrate.downgrade(empty_database_url, "0009")
+    assert (columns(engine, "job_stats"), columns(engine, "workers")) == (stats_before, workers_before)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id FROM workers")).scalars().all() == ["w1"]
+        assert set(connection.execute(text("SELECT job_id FROM job_stats")).scalars()) == set(ROWS)
+    assert stats_indexes(engine) == {"ix_job_stats_recorded_at"}
+    assert {index["name"] for index in inspect(engine).get_indexes("workers")} == {"ix_workers_host"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -11,9 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import make_database, make_session_factory
 from jobs.peak_history import recent_plan_peaks
+from jobs.presence import pinned_gpu
 from jobs.settings import Settings
 from worker.engine.forecast import forecast_sizes
-from worker.engine.memory import device_name
+from worker.engine.memory import device_name, device_uuid
 from worker.holder import EngineHolder
 from worker.presence import PresenceReporter
 from worker.runner import JobRunner
@@ -33,11 +35,14 @@ class WorkerContext:
     @classmethod
     def build(cls, settings: Settings, node: str) -> WorkerContext:
         """Everything a job needs, wired together; nothing is loaded and no connection is opened yet."""
+        gpu = pinned_gpu(os.environ)
         database = make_database(settings.resolved_database_url())
         factory = make_session_factory(database)
         holder = EngineHolder(settings, history=partial(past_peaks, factory))
-        runner = JobRunner(settings, factory, holder)
-        return cls(settings, database, factory, holder, runner, PresenceReporter(settings, factory, node))
+        # Every stats row says which worker and card rendered it (the device's UUID comes with the record).
+        runner = JobRunner(settings, factory, holder, identity={"worker": node, "gpu_index": gpu})
+        presence = PresenceReporter(settings, factory, node, gpu_index=gpu)
+        return cls(settings, database, factory, holder, runner, presence)
 
     def start(self) -> None:
         """Announce the worker, load its model, place and compile it for the queued sizes, then say ready.
@@ -51,6 +56,7 @@ class WorkerContext:
         on_cuda = engine.device.type == "cuda" and budget is not None
         self.presence.ready(
             device_name=device_name(engine.device),
+            device_uuid=device_uuid(engine.device),
             vram_budget_bytes=budget.device_bytes if on_cuda and budget else None,
             forecast=forecast_sizes(engine),
         )

@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 class PresenceReporter:
     """Writes this process's `workers` row: starting, ready, failed or stopped, and its beats."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session], node: str) -> None:
+    def __init__(
+        self, settings: Settings, factory: sessionmaker[Session], node: str, gpu_index: int | None = None
+    ) -> None:
         self._settings = settings
         self._factory = factory
         self._node = node
+        self._gpu_index = gpu_index
         self._stopping = threading.Event()
         self._beats: threading.Thread | None = None
         self.worker_id: str | None = None
@@ -37,17 +40,22 @@ class PresenceReporter:
         with self._factory() as session:
             self.worker_id = presence.announce_worker(
                 session, node=self._node, model=s.resolved_worker_model(), dtype=s.worker_dtype,
-                offload_mode=s.offload_mode,
+                offload_mode=s.offload_mode, gpu_index=self._gpu_index,
             )  # fmt: skip
         claim_broker_for(s, self._factory)
 
     def ready(
-        self, *, device_name: str, vram_budget_bytes: int | None, forecast: list[dict[str, Any]]
+        self,
+        *,
+        device_name: str,
+        vram_budget_bytes: int | None,
+        forecast: list[dict[str, Any]],
+        device_uuid: str | None = None,
     ) -> None:
-        """The model is placed: say so (with the planner's forecast), and start beating."""
+        """The model is placed: say so (with the planner's forecast and the card), and start beating."""
         with self._factory() as session:
             presence.mark_ready(
-                session, worker_id=self._id(), device_name=device_name,
+                session, worker_id=self._id(), device_name=device_name, device_uuid=device_uuid,
                 vram_budget_bytes=vram_budget_bytes, forecast=forecast,
             )  # fmt: skip
         self._beats = threading.Thread(target=self._beat_until_stopped, name="presence-beat", daemon=True)

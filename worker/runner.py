@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from jobs.controls import is_paused
 from jobs.db import with_retries
 from jobs.lifecycle import (
     Claim,
+    can_share_encoding,
     cancel_running_job,
     claim_job,
     fail_if_exhausted,
@@ -23,9 +25,12 @@ from jobs.lifecycle import (
     hand_back,
     queued_sizes,
 )
-from jobs.ordering import PassedOver, Preference, next_job_ids
+from jobs.ordering import PassedOver, Preference, claimable_count, fair_groupmates, next_job_ids
 from jobs.params import GenerationParams
+from jobs.serving import serving_workers
 from jobs.settings import Settings
+from jobs.tables import utcnow
+from jobs.worker_views import silent_after_s
 from worker.engine import EngineError, RenderCancelled, RenderRecord, RenderRequest
 from worker.engine.records import LadderExhausted
 from worker.holder import EngineHolder
@@ -63,10 +68,22 @@ def stats_columns(record: RenderRecord | None) -> dict[str, Any] | None:
 
 
 class JobRunner:
-    """Claims and renders jobs for one worker process; an ImageWriter stores what it renders."""
+    """Claims and renders jobs for one worker process; an ImageWriter stores what it renders.
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session], holder: EngineHolder) -> None:
+    `identity` (the worker's name, its GPU) goes into every stats row it stores, so each job's
+    evidence says which worker and device rendered it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        holder: EngineHolder,
+        identity: Mapping[str, object] | None = None,
+    ) -> None:
         self._settings = settings
+        self._model = settings.resolved_worker_model()
+        self._identity = dict(identity or {})
         self._factory = factory
         self._holder = holder
         self.leases = LeaseKeeper(factory, settings.heartbeat_interval_s)
@@ -121,6 +138,7 @@ class JobRunner:
             return "paused"
         candidates = next_job_ids(
             session,
+            model=self._model,  # jobs of other models wait for their own workers
             preference=self._preference,
             passed_over=self._passed_over,
             max_wait_s=self._settings.max_reorder_wait_s,
@@ -133,14 +151,29 @@ class JobRunner:
         return "exhausted" if fail_if_exhausted(session, job_id=job_id) else "skipped"
 
     def _claim_groupmates(self, claim: Claim) -> list[Claim]:
-        """Claim up to ENCODE_GROUP_SIZE - 1 compatible queued jobs; their own messages will be skipped."""
+        """Claim compatible queued jobs, as many as is fair; their own messages will be skipped."""
+        if self._settings.encode_group_size <= 1 or not can_share_encoding(claim):
+            return []  # without reading how many workers share the queue
 
         def claim_some(session: Session) -> list[Claim]:
-            ids = groupmates(session, claim=claim, limit=self._settings.encode_group_size - 1)
+            ids = groupmates(session, claim=claim, limit=self._fair_groupmates(session))
             claimed = (claim_job(session, job_id=job_id) for job_id in ids)
             return [c for c in claimed if c is not None]
 
         return with_retries(self._factory, claim_some)
+
+    def _fair_groupmates(self, session: Session) -> int:
+        """Up to ENCODE_GROUP_SIZE - 1, leaving the other workers of the model their share (see ordering)."""
+        silence = silent_after_s(self._settings.heartbeat_interval_s)
+        workers = serving_workers(session, model=self._model, now=utcnow(), silent_after_s=silence)
+        most = self._settings.encode_group_size - 1
+        queued = claimable_count(session, model=self._model, at_most=max(workers, 1) * most)
+        return fair_groupmates(queued=queued, workers=workers, max_groupmates=most)
+
+    def _stats_row(self, record: RenderRecord | None) -> dict[str, Any] | None:
+        """A render's job_stats columns with this worker's identity; None without a record."""
+        columns = stats_columns(record)
+        return None if columns is None else {**columns, **self._identity}
 
     def _encode_group(self, claims: list[Claim]) -> dict[str, SharedEncoding]:
         """Encode every claimed job's prompt in one pass of the (streamed) text encoder."""
@@ -168,20 +201,20 @@ class JobRunner:
             result.stats.load_s += load_s
             self._preference = Preference.of(claim.params)
             self.writer.submit(
-                RenderedImage(claim, result.image, result.stats, stats_columns(result.stats) or {})
+                RenderedImage(claim, result.image, result.stats, self._stats_row(result.stats) or {})
             )
             return "rendered"
         except RenderCancelled:
-            outcome = self._store(cancel_running_job, claim, stats=stats_columns(stats)) or "cancelled"
+            outcome = self._store(cancel_running_job, claim, stats=self._stats_row(stats)) or "cancelled"
         except LadderExhausted as error:
             stats = error.record
-            outcome = self._store(fail_job, claim, error=str(error), stats=stats_columns(stats)) or "failed"
+            outcome = self._store(fail_job, claim, error=str(error), stats=self._stats_row(stats)) or "failed"
         except EngineError as error:
             outcome = self._store(fail_job, claim, error=str(error), stats=None) or "failed"
         except Exception as error:
             log.exception("job %s failed", claim.job_id)
             message = f"{type(error).__name__}: {error}"
-            outcome = self._store(fail_job, claim, error=message, stats=stats_columns(stats)) or "failed"
+            outcome = self._store(fail_job, claim, error=message, stats=self._stats_row(stats)) or "failed"
         self.leases.release(claim.job_id)
         return outcome
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import with_retries
 from jobs.lifecycle import Claim, fail_job, finish_job
+from jobs.results import stored_result_path
 from worker.engine import RenderRecord
 from worker.leases import LeaseKeeper
 from worker.outputs import (
@@ -119,7 +120,9 @@ class ImageWriter:
             )
             return "failed"
         columns = {**rendered.columns, "save_s": time.perf_counter() - started}
-        stored = commit_fenced(self._factory, finish_job, claim, result_path=str(path), stats=columns)
+        # Relative to OUTPUTS_DIR: the API may mount the same shared folder at another path.
+        result_path = stored_result_path(self._outputs_dir, path)
+        stored = commit_fenced(self._factory, finish_job, claim, result_path=result_path, stats=columns)
         if not stored:
             path.unlink(missing_ok=True)  # our lease was taken back: this attempt's image is nobody's
             return "lease lost"

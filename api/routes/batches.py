@@ -46,6 +46,7 @@ from jobs.queue import Publisher
 from jobs.settings import Settings
 from jobs.submit import IdempotencyConflict, Submission, submit_batch
 from jobs.tables import Batch
+from jobs.unserved import served_now, unserved_warnings
 from jobs.views import batch_view
 from jobs.webhooks import webhook_refusal_off_loop, webhook_status
 
@@ -101,7 +102,7 @@ async def create_batch(
     body, params = await run_in_threadpool(_expanded_batch, await _batch_payload(request), settings)
     if refusal := await webhook_refusal_off_loop(body.webhook_url, settings=settings):
         raise invalid(["body", "webhook_url"], refusal)
-    submission = await run_in_threadpool(
+    submission, warnings = await run_in_threadpool(
         _queue_batch,
         body,
         params,
@@ -112,7 +113,12 @@ async def create_batch(
         idempotency_key=idempotency_key,
     )
     cache.clear()  # queue positions moved
-    return {"id": submission.batch_id, "job_ids": submission.job_ids, "created": submission.created}
+    return {
+        "id": submission.batch_id,
+        "job_ids": submission.job_ids,
+        "created": submission.created,
+        "warnings": warnings,
+    }
 
 
 def _expanded_batch(payload: Any, settings: Settings) -> tuple[BatchCreate, list[GenerationParams]]:
@@ -138,11 +144,14 @@ def _queue_batch(
     publisher: Publisher,
     settings: Settings,
     idempotency_key: str | None,
-) -> Submission:
-    """Check the caller's quota, then commit and publish the batch (409 for a key reused otherwise)."""
+) -> tuple[Submission, list[str]]:
+    """Check the caller's quota, then commit and publish the batch (409 for a key reused otherwise).
+
+    Also returns a warning for each of its models no worker serves: those jobs wait, they do not fail.
+    """
     check_quota(factory, caller, settings, adding=len(params))
     try:
-        return submit_batch(
+        submission = submit_batch(
             factory,
             publisher,
             params=params,
@@ -154,6 +163,8 @@ def _queue_batch(
         )
     except IdempotencyConflict as error:
         raise HTTPException(status_code=409, detail=str(error)) from None
+    with factory() as session:
+        return submission, unserved_warnings(session, settings, {job.model for job in params})
 
 
 async def _batch_payload(request: Request) -> Any:
@@ -202,9 +213,9 @@ def list_batches(
 @router.get("/{batch_id}", response_model=BatchView, responses=error_responses(404))
 @closes_session
 def get_batch(
-    batch_id: BatchId, caller: CallerDep, session: SessionDep, cache: StatusCacheDep
+    batch_id: BatchId, caller: CallerDep, session: SessionDep, settings: SettingsDep, cache: StatusCacheDep
 ) -> dict[str, Any]:
-    """Status, counts per state, progress in [0, 1], an ETA from measured times, and the webhook's state.
+    """Status, counts per state, progress in [0, 1], an ETA, the webhook's state and the unserved models.
 
     At most API_STATUS_CACHE_S old: a crowd of pollers costs one summary a second.
     """
@@ -213,7 +224,7 @@ def get_batch(
         batch = session.get(Batch, batch_id)
         if batch is None:
             raise not_found("batch", batch_id)
-        return batch.owner, batch_summary(session, batch)
+        return batch.owner, batch_summary(session, batch, settings)
 
     view = cache.view_or("batch", batch_id, caller.owner, owned_summary)
     if view is None:
@@ -221,9 +232,10 @@ def get_batch(
     return view
 
 
-def batch_summary(session: Session, batch: Batch) -> dict[str, Any]:
+def batch_summary(session: Session, batch: Batch, settings: Settings) -> dict[str, Any]:
     """What `GET /v1/batches/{id}` and a batch cancel answer."""
-    return {**batch_view(session, batch), "webhook": webhook_status(session, batch=batch)}
+    view = batch_view(session, batch, served=served_now(session, settings))
+    return {**view, "webhook": webhook_status(session, batch=batch)}
 
 
 @router.get("/{batch_id}/jobs", response_model=BatchJobsPage, responses=error_responses(404))
@@ -301,11 +313,16 @@ def retry_batch(
     responses=error_responses(404, 400, 413, 415),
 )
 def cancel_batch(
-    batch_id: BatchId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, cache: StatusCacheDep
+    batch_id: BatchId,
+    caller: CallerDep,
+    _body: ActionBody,
+    factory: FactoryDep,
+    settings: SettingsDep,
+    cache: StatusCacheDep,
 ) -> dict[str, Any]:
     """Cancel the batch's queued jobs at once and stop its running job at the next step."""
     cache.clear()
     with refusals_as_http():
         actions.cancel_batch(factory, batch_id=batch_id, owner=caller.owner)
     with factory() as session:
-        return batch_summary(session, load_batch(session, batch_id, caller))
+        return batch_summary(session, load_batch(session, batch_id, caller), settings)

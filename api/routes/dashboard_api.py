@@ -14,6 +14,7 @@ from api.schemas import CALLER_ERRORS, BatchEstimate, WorkerList, error_response
 from api.submission import resolve_model
 from jobs import thumbnails
 from jobs.estimate import EstimateRequest, estimate_batch
+from jobs.queue import model_queue
 from jobs.tables import utcnow
 from jobs.worker_views import newest_live_worker, silent_after_s, worker_views
 
@@ -62,9 +63,10 @@ def _names(if_none_match: str, etag: str) -> bool:
 @router.get("/v1/workers", tags=["workers"], response_model=WorkerList)
 @closes_session
 def get_workers(_caller: CallerDep, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
-    """The newest worker starts, newest first: what each loaded, its budget, and whether it is live."""
+    """The newest worker starts, newest first: what each loaded, its queue, and whether it is live."""
     silence = silent_after_s(settings.heartbeat_interval_s)
-    return {"workers": worker_views(session, now=utcnow(), silent_after_s=silence)}
+    views = worker_views(session, now=utcnow(), silent_after_s=silence)
+    return {"workers": [{**view, "queue": model_queue(settings.queue_name, view["model"])} for view in views]}
 
 
 @router.post(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
@@ -25,9 +24,11 @@ from api.schemas import CALLER_ERRORS, JobCreated, JobRetried, JobView, error_re
 from api.submission import check_quota, expansion_errors, idempotency_for, resolve_model
 from jobs import actions
 from jobs.batching import ExpansionError, JobCreate, job_params
+from jobs.results import result_file
 from jobs.states import JobStatus
 from jobs.submit import IdempotencyConflict, submit_job
 from jobs.tables import Job
+from jobs.unserved import served_now, unserved_warnings
 from jobs.views import job_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*CALLER_ERRORS))
@@ -68,7 +69,14 @@ def create_job(
     except IdempotencyConflict as error:
         raise HTTPException(status_code=409, detail=str(error)) from None
     cache.clear()  # queue positions moved
-    return {"id": submission.job_ids[0], "status": JobStatus.QUEUED.value, "seed": submission.seed}
+    with factory() as session:
+        warnings = unserved_warnings(session, settings, [params.model])
+    return {
+        "id": submission.job_ids[0],
+        "status": JobStatus.QUEUED.value,
+        "seed": submission.seed,
+        "warnings": warnings,
+    }
 
 
 def load_job(session: SessionDep, job_id: str, caller: Caller) -> Job:
@@ -79,14 +87,19 @@ def load_job(session: SessionDep, job_id: str, caller: Caller) -> Job:
 
 @router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
 @closes_session
-def get_job(job_id: JobId, caller: CallerDep, session: SessionDep, cache: StatusCacheDep) -> dict[str, Any]:
-    """A job's status, progress, queue position, error and memory stats (at most API_STATUS_CACHE_S old)."""
+def get_job(
+    job_id: JobId, caller: CallerDep, session: SessionDep, settings: SettingsDep, cache: StatusCacheDep
+) -> dict[str, Any]:
+    """A job's status, progress, queue position, error, memory stats and whether a worker serves its model.
+
+    At most API_STATUS_CACHE_S old.
+    """
 
     def owned_view() -> tuple[str, dict[str, Any]]:
         job = session.get(Job, job_id)
         if job is None:
             raise not_found("job", job_id)
-        return job.owner, job_view(session, job)
+        return job.owner, job_view(session, job, served=served_now(session, settings))
 
     view = cache.view_or("job", job_id, caller.owner, owned_view)
     if view is None:
@@ -110,9 +123,9 @@ def get_job_image(
     job = load_job(session, job_id, caller)
     if job.status != JobStatus.SUCCEEDED or not job.result_path:
         raise HTTPException(status_code=409, detail=f"job {job_id} has no image: it is {job.status}")
-    path = Path(job.result_path).resolve()
-    # Only files the worker wrote under the outputs folder are ever served.
-    if not path.is_relative_to(settings.resolved_outputs_dir()) or not path.is_file():
+    # Only files under this machine's outputs folder are ever served (the path is stored relative to it).
+    path = result_file(settings.resolved_outputs_dir(), job.result_path)
+    if path is None:
         raise HTTPException(status_code=410, detail=f"the image of job {job_id} is no longer on disk")
     return FileResponse(path, media_type="image/png", filename=f"{job_id}.png")
 
@@ -144,11 +157,16 @@ def retry_job(
     responses=error_responses(404, 400, 413, 415),
 )
 def cancel_job(
-    job_id: JobId, caller: CallerDep, _body: ActionBody, factory: FactoryDep, cache: StatusCacheDep
+    job_id: JobId,
+    caller: CallerDep,
+    _body: ActionBody,
+    factory: FactoryDep,
+    settings: SettingsDep,
+    cache: StatusCacheDep,
 ) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one at its next step."""
     cache.clear()
     with refusals_as_http():
         actions.cancel_job(factory, job_id=job_id, owner=caller.owner)
     with factory() as session:
-        return job_view(session, load_job(session, job_id, caller))
+        return job_view(session, load_job(session, job_id, caller), served=served_now(session, settings))

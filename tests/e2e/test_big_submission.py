@@ -24,7 +24,7 @@ from kombu.transport.redis import Channel
 from sqlalchemy import create_engine, func, select
 
 from cli.stack import Stack
-from jobs.queue import PRIORITY_STEPS
+from jobs.queue import PRIORITY_STEPS, model_queue
 from jobs.settings import Settings
 from jobs.tables import Job
 from tests.conftest import BACKENDS, REDIS_URL
@@ -140,7 +140,7 @@ def test_healthz_answers_while_a_big_batch_is_submitted(one_api_process: Stack, 
 
     created = response.json()
     assert len(created["job_ids"]) == PROMPTS
-    counts = messages_per_job(settings.queue_name)
+    counts = messages_per_job(model_queue(settings.queue_name, settings.resolved_worker_model()))
     assert counts.keys() == set(created["job_ids"])
     assert set(counts.values()) == {1}
     assert unpublished_jobs(settings.resolved_database_url(), created["id"]) == (PROMPTS, 0)

@@ -31,6 +31,7 @@ from cli.render_views import PAUSED_LINE
 from jobs import migrate
 from jobs.controls import set_paused
 from jobs.db import make_database, make_session_factory, transaction
+from jobs.lifecycle import claim_job, fail_job
 from tests.e2e.test_cli import CLI, embedded_env
 
 pytestmark = pytest.mark.e2e
@@ -131,6 +132,21 @@ class RunningStack:
                 "SELECT count(*) FROM jobs WHERE prompt LIKE ?", (f"{prefix}%",)
             ).fetchone()
         return int(count)
+
+    def fail_as_a_worker(self, batch_id: str, error: str) -> None:
+        """Claim every queued job of the batch and fail it with `error`, as a worker that cannot render it."""
+        database = make_database(f"sqlite:///{self.database}")
+        try:
+            factory = make_session_factory(database)
+            for job in self.batch_jobs(batch_id):
+                with transaction(factory) as session:
+                    claim = claim_job(session, job_id=job["id"])
+                    assert claim is not None
+                    fail_job(
+                        session, job_id=claim.job_id, lease_token=claim.lease_token, error=error, stats=None
+                    )
+        finally:
+            database.dispose()
 
     def batch_jobs(self, batch_id: str) -> list[dict[str, Any]]:
         """The batch's jobs as the API lists them."""
@@ -248,7 +264,13 @@ def test_status_and_job_show_why_jobs_failed_and_retry_prints_a_count(
     missing = stack.env["ALLOWED_MODELS"].split(",")[1]  # allowed, but no model is there
     submitted = stack.cli("submit", str(prompts), "--model", missing, "--sizes", "64", "--steps", "2")
     assert submitted.returncode == 0, submitted.stdout
+    assert "no running worker serves model" in submitted.stdout  # the submit warning
     batch_id = batch_of(submitted.stdout)
+    waiting = stack.cli("status", batch_id)
+    assert "no running worker serves" in waiting.stdout and "missing-model" in waiting.stdout
+    # No worker serves that model, so its jobs wait (they never fail for it). Here a worker of that
+    # model claims them and cannot load it, through the same lifecycle calls a worker makes.
+    stack.fail_as_a_worker(batch_id, "model could not load: missing-model")
 
     watched = stack.cli("status", batch_id, "--watch")
     assert watched.returncode == 0, watched.stdout

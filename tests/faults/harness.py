@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from jobs.settings import Settings
 from jobs.tables import Job, JobStats
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+CLAIMED = re.compile(r"claimed job ([0-9a-f-]{36})")
 
 
 def free_port() -> int:
@@ -148,6 +150,24 @@ class FaultStack:
             time.sleep(0.3)
         raise AssertionError(f"not finished after {timeout}s: {sorted(self.statuses(job_ids).values())}")
 
+    def attempts(self, job_ids: list[str]) -> dict[str, int]:
+        """How many times each job was claimed."""
+        with self.database.connect() as connection:
+            rows = connection.execute(select(Job.id, Job.attempts).where(Job.id.in_(job_ids))).all()
+        return {row.id: row.attempts for row in rows}
+
+    def rendered_by(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Which named worker stored each job's stats (JobStats.worker holds its node name, name@host)."""
+        with self.database.connect() as connection:
+            rows = connection.execute(
+                select(JobStats.job_id, JobStats.worker).where(JobStats.job_id.in_(job_ids))
+            ).all()
+        return {row.job_id: row.worker.split("@")[0] if row.worker else None for row in rows}
+
+    def claimed_by(self, name: str) -> set[str]:
+        """The jobs a worker's log says it claimed (the claim commits just before its line)."""
+        return set(CLAIMED.findall(self.stack.log_tail(name, 1_000_000)))
+
     def worker_logs(self) -> str:
         """Everything the workers logged."""
         return "\n".join(self.stack.log_tail(name, 100_000) for name in self.workers)
@@ -175,8 +195,8 @@ def assert_exactly_once(stack: FaultStack, job_ids: list[str]) -> dict[str, int]
     assert len(rows) == len(job_ids)
     assert {row.status for row in rows} == {"succeeded"}, sorted(row.status for row in rows)
     assert stats == len(job_ids)
-    expected = {Path(row.result_path).resolve() for row in rows}
     outputs = stack.settings.resolved_outputs_dir()
+    expected = {(outputs / row.result_path).resolve() for row in rows}  # stored relative to OUTPUTS_DIR
     on_disk = {path.resolve() for path in outputs.rglob("*") if path.is_file()}
     assert on_disk == expected, (
         f"orphans: {sorted(on_disk - expected)}; missing: {sorted(expected - on_disk)}"

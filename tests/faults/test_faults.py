@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("empty_database_url", ["p
 # About a second per job on a CPU: long enough to be caught mid-job.
 SLOW = {"width": 192, "height": 192, "steps": 80}
 FAST = {"width": 64, "height": 64, "steps": 2}
+SHARED = {"width": 128, "height": 128, "steps": 20}  # a few tenths of a second: both workers get some
 COUNTS: dict[str, dict[str, int]] = {}
 
 
@@ -93,6 +94,51 @@ def test_kill_9_the_worker_mid_job_ten_times(make_stack: object) -> None:
     record("kill -9 mid-job", {**counts, "kills": kills, "duplicates": 0})
 
 
+def test_two_workers_share_a_batch(make_stack: object) -> None:
+    """Two workers of one model split a batch: each renders some of it (its stats row names it), and each
+    job runs once. Fair group claims leave the other worker its share (jobs.ordering.fair_groupmates)."""
+    stack: FaultStack = make_stack(workers=2)  # type: ignore[operator]
+    job_ids = stack.submit([f"spread {i}" for i in range(12)], **SHARED)
+    stack.wait_finished(job_ids, supervise=False)
+    counts = assert_exactly_once(stack, job_ids)
+    assert counts["attempts"] == len(job_ids)
+    rendered = stack.rendered_by(job_ids)
+    per_worker = {name: list(rendered.values()).count(name) for name in stack.workers}
+    assert set(rendered.values()) == {"w0", "w1"}, per_worker
+    record("two workers share a batch", {**counts, **per_worker, "duplicates": 0})
+
+
+def test_kill_9_one_of_two_workers_the_other_finishes_its_jobs(make_stack: object) -> None:
+    """kill -9 one of two workers mid-job and never restart it: the reconciler requeues the jobs it held
+    (its running job and any groupmates waiting behind it), and the surviving worker renders each once."""
+    stack: FaultStack = make_stack(workers=2)  # type: ignore[operator]
+    job_ids = stack.submit([f"survivor {i}" for i in range(8)], **SLOW)
+    wait_until(lambda: running_worker(stack, job_ids) is not None, 120, "a worker running a job")
+    time.sleep(0.3)  # mid-job, not at its first step
+    victim = running_worker(stack, job_ids)
+    assert victim is not None
+    stack.kill(victim)
+    held = {job for job, status in stack.statuses(job_ids).items() if status == "running"}
+    orphans = stack.claimed_by(victim) & held  # claimed by the dead worker and never finished
+    survivor = next(name for name in stack.workers if name != victim)
+    stack.wait_finished(job_ids, supervise=False)
+    assert stack.stack.processes[victim].poll() is not None  # nobody restarted it
+    counts = assert_exactly_once(stack, job_ids)
+    assert orphans, "the worker was killed holding no job"
+    rendered = stack.rendered_by(job_ids)
+    assert {rendered[job] for job in orphans} == {survivor}
+    assert (
+        min(stack.attempts(sorted(orphans)).values()) >= 2
+    )  # the dead worker's attempt, then the survivor's
+    record("kill -9 one of two workers", {**counts, "orphans_recovered": len(orphans), "duplicates": 0})
+
+
+def running_worker(stack: FaultStack, job_ids: list[str]) -> str | None:
+    """A worker that has claimed a job now running (its log names the claim), or None."""
+    running = set(stack.running(job_ids))
+    return next((name for name in stack.workers if stack.claimed_by(name) & running), None)
+
+
 def test_flushall_with_200_jobs_queued(make_stack: object, private_redis: PrivateRedis) -> None:
     """Redis loses every message (FLUSHALL) with 200 jobs queued: the reconciler republishes from SQL."""
     stack: FaultStack = make_stack()  # type: ignore[operator]
@@ -125,7 +171,8 @@ def test_the_same_message_twice(make_stack: object) -> None:
     job_ids = stack.submit([f"duplicate {i}" for i in range(10)], **FAST)
     stack.http.post("/v1/queue/resume", json={})
     publisher = Publisher(stack.settings)
-    publisher.publish([Publication(job_id=job_id, priority=0) for job_id in job_ids])
+    model = stack.settings.resolved_worker_model()  # the jobs' model (FAST names none)
+    publisher.publish([Publication(job_id=job_id, priority=0, model=model) for job_id in job_ids])
     stack.wait_finished(job_ids)
     # The broker's own state: no message for these jobs is waiting or delivered and unacknowledged.
     wait_until(lambda: not set(job_ids) & publisher.live_job_ids(), 60, "every message to be acknowledged")

@@ -29,6 +29,7 @@ from cli.stack import Stack
 from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, fail_job, finish_job, retry_jobs
 from jobs.params import GenerationParams
+from jobs.results import stored_result_path
 from jobs.settings import Settings
 from jobs.submit import insert_batch
 from jobs.tables import Job
@@ -85,9 +86,8 @@ def make_batch(
                 continue
             path = outputs / f"{job_id}.png"
             images[job_id] = write_png(path, index)
-            finish_job(
-                session, job_id=job_id, lease_token=claim.lease_token, result_path=str(path), stats=STATS
-            )
+            stored = stored_result_path(outputs, path)  # relative to OUTPUTS_DIR, as the writer stores it
+            finish_job(session, job_id=job_id, lease_token=claim.lease_token, result_path=stored, stats=STATS)
     assert submission.batch_id is not None
     return submission.batch_id, images
 
@@ -202,8 +202,31 @@ def finish_with_image(factory: sessionmaker[Session], job_id: str, outputs: Path
         assert claim is not None
         path = outputs / f"{job_id}.png"
         data = write_png(path, seed)
-        finish_job(session, job_id=job_id, lease_token=claim.lease_token, result_path=str(path), stats=STATS)
+        stored = stored_result_path(outputs, path)
+        finish_job(session, job_id=job_id, lease_token=claim.lease_token, result_path=stored, stats=STATS)
     return data
+
+
+def test_old_absolute_rows_are_archived_and_paths_out_of_outputs_are_not(
+    api_client: TestClient, factory: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    """A row from before relative paths (absolute, inside) is archived; `..` or an outside path is not."""
+    outputs = settings.resolved_outputs_dir()
+    batch_id, images = make_batch(factory, outputs, succeeded=4)
+    old, climbing, outside, _ = list(images)
+    elsewhere = tmp_path / "elsewhere.png"  # beside the outputs folder, not in it
+    write_png(elsewhere, 99)
+    rows = {old: str(outputs / f"{old}.png"), climbing: "../elsewhere.png", outside: str(elsewhere)}
+    with transaction(factory) as session:
+        for job_id, result_path in rows.items():
+            session.execute(update(Job).where(Job.id == job_id).values(result_path=result_path))
+    response = api_client.get(f"/v1/batches/{batch_id}/archive")
+    archive = open_zip(response.content)
+    files = {job["id"]: job["file"] for job in json.loads(archive.read("manifest.json"))["jobs"]}
+    assert files[climbing] is None and files[outside] is None
+    served = {job_id: images[job_id] for job_id in images if job_id not in (climbing, outside)}
+    assert {job_id: archive.read(files[job_id]) for job_id in served} == served
+    assert response.headers[ESTIMATED_BYTES_HEADER] == str(sum(len(data) for data in served.values()))
 
 
 def count_archive_statements(settings: Settings, batch_id: str) -> int:

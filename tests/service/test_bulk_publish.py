@@ -20,7 +20,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from jobs.db import make_database, make_session_factory
-from jobs.queue import PIPELINE_MESSAGES, PRIORITY_STEPS, RENDER_TASK, Publication, Publisher, make_celery
+from jobs.queue import (
+    PIPELINE_MESSAGES,
+    PRIORITY_STEPS,
+    RENDER_TASK,
+    Publication,
+    Publisher,
+    make_celery,
+    model_queue,
+)
 from jobs.reconcile import reconcile_once
 from jobs.settings import Settings
 from jobs.tables import Job
@@ -29,6 +37,7 @@ from tests.conftest import BACKENDS, REDIS_URL, local_client
 JOBS = 2 * PIPELINE_MESSAGES + 500  # several pipeline round trips, the last one partial
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 HOUR_S = 3600.0
+MODEL = "synthetic:tiny"  # the settings fixture's worker model
 
 
 @pytest.fixture
@@ -40,8 +49,13 @@ def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
 
 
 def publications(count: int) -> list[Publication]:
-    """Jobs with fresh ids and every priority in turn."""
-    return [Publication(job_id=str(uuid.uuid4()), priority=index % 10) for index in range(count)]
+    """Jobs of MODEL with fresh ids and every priority in turn."""
+    return [Publication(job_id=str(uuid.uuid4()), priority=index % 10, model=MODEL) for index in range(count)]
+
+
+def queue_of(settings: Settings, model: str = MODEL) -> str:
+    """The model's Celery queue for the test's queue name."""
+    return model_queue(settings.queue_name, model)
 
 
 def list_name(queue: str, step: int) -> str:
@@ -71,7 +85,7 @@ def consume_all(settings: Settings, expected: int) -> list[Message]:
         message.ack()
 
     with app.connection_for_read() as connection:
-        queue = app.amqp.queues[settings.queue_name]
+        queue = app.amqp.queues[queue_of(settings)]
         with app.amqp.TaskConsumer(connection, queues=[queue], on_message=on_message):
             while len(received) < expected:
                 connection.drain_events(timeout=10)
@@ -85,7 +99,7 @@ def test_every_job_gets_one_message_in_its_priority_list(settings: Settings, pub
     assert publisher.queue_length() == JOBS
     # The unacknowledged-messages hash is shared by every queue on this Redis: other ids may be live.
     assert {item.job_id for item in items} <= publisher.live_job_ids()
-    messages = raw_messages(settings.queue_name)
+    messages = raw_messages(queue_of(settings))
     assert messages.keys() == {item.job_id for item in items}
     for item in items:
         step, message = messages[item.job_id]
@@ -94,17 +108,19 @@ def test_every_job_gets_one_message_in_its_priority_list(settings: Settings, pub
         assert message["headers"]["task"] == RENDER_TASK
         assert message["headers"]["root_id"] == item.job_id
         assert message["properties"]["correlation_id"] == item.job_id
+        assert message["properties"]["delivery_info"]["routing_key"] == queue_of(settings)
 
 
 def test_a_message_is_the_one_send_task_sends(settings: Settings, publisher: Publisher) -> None:
     job_id = str(uuid.uuid4())
-    publisher.publish([Publication(job_id=job_id, priority=3)])
-    (bulk,) = [message for _, message in raw_messages(settings.queue_name).values()]
-    redis.Redis.from_url(REDIS_URL).delete(*[list_name(settings.queue_name, s) for s in PRIORITY_STEPS])
+    queue = queue_of(settings)
+    publisher.publish([Publication(job_id=job_id, priority=3, model=MODEL)])
+    (bulk,) = [message for _, message in raw_messages(queue).values()]
+    redis.Redis.from_url(REDIS_URL).delete(*[list_name(queue, s) for s in PRIORITY_STEPS])
 
     app = make_celery(settings, name="nightrender-publisher")
-    app.send_task(RENDER_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name, priority=6)
-    (single,) = [message for _, message in raw_messages(settings.queue_name).values()]
+    app.send_task(RENDER_TASK, args=[job_id], task_id=job_id, queue=queue, priority=6)
+    (single,) = [message for _, message in raw_messages(queue).values()]
 
     # Only the per-message delivery tag and the sending app's reply-to id may differ.
     for message in (bulk, single):

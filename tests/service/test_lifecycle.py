@@ -15,6 +15,7 @@ from jobs.lifecycle import (
     fail_if_exhausted,
     fail_job,
     finish_job,
+    groupmates,
     record_progress,
     request_cancel,
 )
@@ -224,6 +225,23 @@ def test_fail_if_exhausted(factory: sessionmaker[Session]) -> None:
 
     with transaction(factory) as session:
         assert fail_if_exhausted(session, job_id=spent) is False
+
+
+def test_groupmates_share_the_claims_model_and_dtype_only(factory: sessionmaker[Session]) -> None:
+    """A group never takes a job of another model (it waits for that model's worker) or dtype."""
+    encodable = PARAMS.model_copy(update={"guidance_scale": 0.0, "dtype": "bf16"})
+    first, other_size, same = (
+        new_job(factory, params=encodable.model_copy(update=change)) for change in ({}, {"width": 64}, {})
+    )
+    other_model = new_job(factory, params=encodable.model_copy(update={"model": "synthetic:full"}))
+    other_dtype = new_job(factory, params=encodable.model_copy(update={"dtype": "fp16"}))
+    with transaction(factory) as session:
+        claim = claim_job(session, job_id=first)
+        assert claim is not None
+        assert groupmates(session, claim=claim, limit=8) == [same, other_size]  # its size first, though newer
+        assert groupmates(session, claim=claim, limit=1) == [same]
+        assert groupmates(session, claim=claim, limit=0) == []
+    assert {row(factory, job).status for job in (other_model, other_dtype)} == {"queued"}
 
 
 def test_recover_stale_running_requeues_or_fails(factory: sessionmaker[Session]) -> None:

@@ -26,7 +26,7 @@ from jobs.lifecycle import (
     heartbeat,
 )
 from jobs.params import GenerationParams
-from jobs.queue import Publisher, make_celery
+from jobs.queue import Publisher, make_celery, model_queue
 from jobs.reconcile import reconcile_once, recover_stale_running
 from jobs.settings import Settings
 from jobs.submit import insert_batch, insert_job
@@ -334,7 +334,7 @@ def test_a_delivered_unacknowledged_message_counts_as_live(
     taken = submit(api_client, "taken")
     with make_celery(settings).connection_for_read() as connection:
         channel = connection.default_channel
-        message = channel.basic_get(settings.queue_name, no_ack=False)
+        message = channel.basic_get(model_queue(settings.queue_name, MODEL), no_ack=False)
         assert message is not None
         try:
             assert message.headers["id"] == waiting  # same priority: first in, first out

@@ -24,10 +24,13 @@ SQUARE = (512, 512)
 WIDE = (768, 432)
 MAX_WAIT_S = 10.0
 START = 1000.0  # a monotonic clock reading
+MODEL, OTHER_MODEL = "synthetic:tiny", "synthetic:full"  # the worker's model, and one it does not serve
 
 
-def params(size: tuple[int, int], *, seed: int = 1, dtype: str = "bf16") -> GenerationParams:
-    """Params for one image of this size on the synthetic model."""
+def params(
+    size: tuple[int, int], *, seed: int = 1, dtype: str = "bf16", model: str = MODEL
+) -> GenerationParams:
+    """Params for one image of this size on a synthetic model (the worker's, unless named)."""
     width, height = size
     return GenerationParams(
         prompt="a lighthouse at dusk",
@@ -35,7 +38,7 @@ def params(size: tuple[int, int], *, seed: int = 1, dtype: str = "bf16") -> Gene
         height=height,
         steps=2,
         seed=seed,
-        model="synthetic:tiny",
+        model=model,
         dtype=dtype,  # type: ignore[arg-type]
     )
 
@@ -53,9 +56,11 @@ def factory(database_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-def queue(factory: sessionmaker[Session], *sizes: tuple[int, int], priority: int = 0) -> list[str]:
+def queue(
+    factory: sessionmaker[Session], *sizes: tuple[int, int], priority: int = 0, model: str = MODEL
+) -> list[str]:
     """Submit one batch with a job per size, in this order; its job ids."""
-    batch = [params(size, seed=i) for i, size in enumerate(sizes)]
+    batch = [params(size, seed=i, model=model) for i, size in enumerate(sizes)]
     with transaction(factory) as session:
         return insert_batch(session, params=batch, priority=priority, max_attempts=3).job_ids
 
@@ -68,11 +73,13 @@ def order(
     now: float = START,
     max_wait_s: float = MAX_WAIT_S,
     limit: int = 8,
+    model: str = MODEL,
 ) -> list[str]:
-    """next_job_ids in a fresh session."""
+    """next_job_ids for a worker of `model`, in a fresh session."""
     with factory() as session:
         return next_job_ids(
             session,
+            model=model,
             preference=preference,
             passed_over=passed_over,
             max_wait_s=max_wait_s,
@@ -195,3 +202,85 @@ def test_the_setting_defaults_and_refuses_negative_waits(settings: Settings) -> 
     assert Settings(max_reorder_wait_s=0).max_reorder_wait_s == 0.0
     with pytest.raises(ValueError):
         Settings(max_reorder_wait_s=-1)
+
+
+def test_a_worker_is_offered_only_jobs_of_its_model(factory: sessionmaker[Session]) -> None:
+    """Jobs of a model the worker does not serve are never offered, whatever their priority or size."""
+    others = queue(factory, SQUARE, SQUARE, priority=5, model=OTHER_MODEL)
+    mine = queue(factory, WIDE, SQUARE)
+    assert order(factory, None, PassedOver()) == mine
+    assert order(factory, like(SQUARE), PassedOver()) == [mine[1], mine[0]]
+    # A preference for the other model's jobs finds none of them: the head is not even passed over.
+    passed_over = PassedOver()
+    assert order(factory, Preference(OTHER_MODEL, "bf16", *SQUARE), passed_over) == mine
+    assert len(passed_over) == 0
+    assert order(factory, None, PassedOver(), model=OTHER_MODEL) == others
+
+
+def test_the_size_preference_holds_nothing_back_from_another_worker(factory: sessionmaker[Session]) -> None:
+    """One worker's preference reorders only its own claim: an idle worker without it claims the head."""
+    head, square, *_rest = queue(factory, WIDE, SQUARE, SQUARE)
+    with transaction(factory) as session:
+        preferring = next_job_ids(
+            session,
+            model=MODEL,
+            preference=like(SQUARE),
+            passed_over=PassedOver(),
+            max_wait_s=MAX_WAIT_S,
+            now=START,
+        )
+        assert preferring[0] == square and claim_job(session, job_id=square) is not None
+    assert order(factory, None, PassedOver())[0] == head
+    assert order(factory, like(WIDE), PassedOver())[0] == head
+
+
+def test_two_workers_preferring_one_size_pass_the_head_over_at_most_max_wait(
+    factory: sessionmaker[Session],
+) -> None:
+    """Two workers both prefer the common size; the second comes up later. The odd head waits at most
+    MAX_WAIT_S from the first time any worker passed it over, and every job is claimed once."""
+    odd, *same = queue(factory, WIDE, *[SQUARE] * 40)
+    passed_over = {"a": PassedOver(), "b": PassedOver()}
+    preference = {"a": like(SQUARE), "b": like(SQUARE)}
+    claimed: dict[str, tuple[str, float]] = {}  # job id: (worker, when)
+    clock = START
+    while len(claimed) < 41:
+        running = []
+        for name in ["a", "b"] if clock >= START + 3 else ["a"]:  # b comes up three jobs later
+            job_id = claim_next(factory, name, preference, passed_over, clock)
+            if job_id is not None:
+                claimed[job_id] = (name, clock)
+                running.append(job_id)
+        for job_id in running:
+            set_status(factory, job_id, JobStatus.SUCCEEDED)
+        clock += 1.0  # one job takes one second on either worker
+    worker, started = claimed[odd]
+    assert worker == "a"  # the first to pass it over ran it when its wait ran out
+    assert START + 1 <= started <= START + MAX_WAIT_S + 1
+    assert sorted(claimed) == sorted([odd, *same])
+    assert {name for name, _ in claimed.values()} == {"a", "b"}
+
+
+def claim_next(
+    factory: sessionmaker[Session],
+    name: str,
+    preference: dict[str, Preference],
+    passed_over: dict[str, PassedOver],
+    now: float,
+) -> str | None:
+    """One worker's claim: the first of its offered jobs it wins, and its preference afterwards."""
+    with transaction(factory) as session:
+        offered = next_job_ids(
+            session,
+            model=MODEL,
+            preference=preference[name],
+            passed_over=passed_over[name],
+            max_wait_s=MAX_WAIT_S,
+            now=now,
+        )
+        for job_id in offered:
+            claim = claim_job(session, job_id=job_id)
+            if claim is not None:
+                preference[name] = Preference.of(claim.params)
+                return job_id
+    return None

@@ -24,6 +24,7 @@ from jobs.db import make_database, make_session_factory, transaction
 from jobs.filenames import prompt_slug
 from jobs.lifecycle import request_cancel
 from jobs.params import GenerationParams
+from jobs.results import result_file
 from jobs.settings import Settings
 from jobs.submit import insert_job, mark_published
 from jobs.tables import Job, JobStats
@@ -125,11 +126,12 @@ def test_normal_job_succeeds_with_png_and_stats(
     assert run_to_end(runner, job_id) == "rendered"
     job = job_row(factory, job_id)
     assert job.status == "succeeded" and job.attempts == 1 and job.error is None
-    assert job.result_path is not None
-    path = Path(job.result_path)
+    path = result_file(settings.resolved_outputs_dir(), job.result_path)
+    assert path is not None  # recorded relative to OUTPUTS_DIR, so another machine finds it too
+    assert not Path(job.result_path or "").is_absolute()
     assert path.is_file() and path.suffix == ".png"
     assert path.parent == settings.resolved_outputs_dir() / "single"
-    assert path.name == f"{job.seed}-{prompt_slug(job.prompt)}-{job.lease_token[:8]}.png"
+    assert path.name == f"{job.seed}-{prompt_slug(job.prompt)}-{(job.lease_token or '')[:8]}.png"
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (64, 64)
         assert json.loads(image.text["nightrender"])["job_id"] == job_id  # type: ignore[attr-defined]
@@ -165,12 +167,13 @@ def test_a_killed_attempts_half_written_file_goes_when_the_job_succeeds(
     image.save(dead_png, pnginfo=png_metadata(job_id, job_params))
     image.save(others_png, pnginfo=png_metadata(other_id, job_params))
     assert run_to_end(runner, job_id) == "rendered"
-    result = Path(job_row(factory, job_id).result_path or "")
+    result = result_file(settings.resolved_outputs_dir(), job_row(factory, job_id).result_path)
+    assert result is not None
     assert sorted(files_under(folder)) == sorted([result, others_tmp, others_png])
 
 
 def test_fp16_nan_output_is_rendered_again_in_bf16(
-    runner: JobRunner, holder: EngineHolder, factory: sessionmaker[Session]
+    runner: JobRunner, holder: EngineHolder, factory: sessionmaker[Session], settings: Settings
 ) -> None:
     """NaN from the fp16 transformer makes the runner render again in bf16 and note the retry."""
     job_id = new_job(factory, dtype="fp16")
@@ -189,7 +192,7 @@ def test_fp16_nan_output_is_rendered_again_in_bf16(
         handle.remove()
     assert calls > 0  # the fault was really injected
     job = job_row(factory, job_id)
-    assert job.status == "succeeded" and job.result_path and Path(job.result_path).is_file()
+    assert job.status == "succeeded" and result_file(settings.resolved_outputs_dir(), job.result_path)
     plan = stored_plan(factory, job_id)
     assert "bf16" in plan["notes"]["retry"]
     assert "warnings" not in plan["notes"]  # the bf16 render was fine

@@ -20,6 +20,7 @@ from jobs.db import make_database, make_session_factory, transaction
 from jobs.keys import add_key
 from jobs.lifecycle import claim_job, finish_job
 from jobs.params import GenerationParams
+from jobs.results import stored_result_path
 from jobs.settings import Settings
 from jobs.submit import insert_job
 from jobs.tables import Job
@@ -45,14 +46,19 @@ def noise_png(path: Path, width: int, height: int) -> int:
     return path.stat().st_size
 
 
-def finish_with_image(engine: Engine, job_id: str, image: Path) -> None:
-    """Claim the job and finish it with `image`, as the worker's writer does."""
+def finish_with_image(engine: Engine, job_id: str, image: Path, outputs: Path) -> None:
+    """Claim the job and finish it with `image`, stored relative to `outputs` as the writer does."""
+    finish_with_result_path(engine, job_id, stored_result_path(outputs, image))
+
+
+def finish_with_result_path(engine: Engine, job_id: str, result_path: str) -> None:
+    """Claim the job and finish it with `result_path` recorded as it is."""
     with transaction(make_session_factory(engine)) as session:
         claim = claim_job(session, job_id=job_id)
         assert claim is not None
         stats = {"rung": "resident", "device_name": "cpu", "torch_version": "2", "diffusers_version": "0"}
         assert finish_job(
-            session, job_id=job_id, lease_token=claim.lease_token, result_path=str(image), stats=stats
+            session, job_id=job_id, lease_token=claim.lease_token, result_path=result_path, stats=stats
         )
 
 
@@ -69,7 +75,7 @@ def test_a_thumbnail_is_small_made_once_and_revalidated(
     job_id = queued_job(engine)
     image = settings.resolved_outputs_dir() / "batch" / "00000-1-a-red-fox.png"
     png_bytes = noise_png(image, 640, 400)
-    finish_with_image(engine, job_id, image)
+    finish_with_image(engine, job_id, image, settings.resolved_outputs_dir())
 
     first = api_client.get(f"/v1/jobs/{job_id}/thumbnail")
     assert first.status_code == 200, first.text
@@ -98,7 +104,7 @@ def test_concurrent_first_requests_leave_one_whole_file(settings: Settings, engi
     job_id = queued_job(engine)
     image = settings.resolved_outputs_dir() / "single" / "1-a-red-fox.png"
     noise_png(image, 1024, 1024)
-    finish_with_image(engine, job_id, image)
+    finish_with_image(engine, job_id, image, settings.resolved_outputs_dir())
     with Session(engine) as session:
         job = session.get_one(Job, job_id)
     start = threading.Barrier(6)
@@ -124,7 +130,7 @@ def test_a_read_only_outputs_folder_still_gets_thumbnails(
     job_id = queued_job(engine)
     image = settings.resolved_outputs_dir() / "single" / "1-a-red-fox.png"
     noise_png(image, 512, 512)
-    finish_with_image(engine, job_id, image)
+    finish_with_image(engine, job_id, image, settings.resolved_outputs_dir())
     (settings.resolved_outputs_dir() / ".thumbnails").write_text("not a folder")  # nothing can be stored
     answer = api_client.get(f"/v1/jobs/{job_id}/thumbnail")
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/webp"
@@ -146,11 +152,30 @@ def test_only_the_owner_gets_a_thumbnail_and_only_of_an_image(settings: Settings
 
         image = settings.resolved_outputs_dir() / "single" / "1-a-red-fox.png"
         noise_png(image, 256, 256)
-        finish_with_image(engine, job_id, image)
+        finish_with_image(engine, job_id, image, settings.resolved_outputs_dir())
         assert api.get(f"/v1/jobs/{job_id}/thumbnail", headers=as_bob).status_code == 404
         assert api.get(f"/v1/jobs/{job_id}/thumbnail").status_code == 401
         assert not (settings.resolved_outputs_dir() / ".thumbnails").exists()  # nothing made for them
         assert api.get(f"/v1/jobs/{job_id}/thumbnail", headers=as_alice).status_code == 200
+
+
+def test_an_old_absolute_row_is_served_and_a_path_out_of_outputs_is_not(
+    api_client: TestClient, settings: Settings, engine: Engine, tmp_path: Path
+) -> None:
+    """An old absolute row still works; `..` or an outside path is refused, though the file is there."""
+    outputs = settings.resolved_outputs_dir()
+    inside, elsewhere = outputs / "single" / "1-a-red-fox.png", tmp_path / "elsewhere.png"
+    noise_png(inside, 64, 64)
+    noise_png(elsewhere, 64, 64)
+    cases = {str(inside): 200, "single/../../elsewhere.png": 410, str(elsewhere): 410}
+    for result_path, expected in cases.items():
+        job_id = queued_job(engine)
+        finish_with_result_path(engine, job_id, result_path)
+        image = api_client.get(f"/v1/jobs/{job_id}/image")
+        assert image.status_code == expected, (result_path, image.text)
+        assert api_client.get(f"/v1/jobs/{job_id}/thumbnail").status_code == expected, result_path
+        if expected == 200:
+            assert image.content == inside.read_bytes()
 
 
 def create_app_for(settings: Settings) -> object:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import pytest
 import redis
@@ -14,10 +13,11 @@ import redis
 from jobs.db import transaction
 from jobs.params import GenerationParams
 from jobs.queue import publisher_config
+from jobs.results import result_file
 from jobs.settings import Settings
 from jobs.stack_identity import StackConflict, claim_broker
 from jobs.submit import insert_job
-from jobs.tables import Job, WorkerPresence
+from jobs.tables import Job, JobStats, WorkerPresence
 from worker.celery_app import worker_config
 from worker.context import WorkerContext
 from worker.engine import EngineError
@@ -52,12 +52,51 @@ def test_a_started_context_renders_and_closing_it_stores_the_image(settings: Set
     with context.factory() as session:
         job = session.get_one(Job, job_id)
     assert job.status == "succeeded"
-    assert job.result_path is not None and Path(job.result_path).is_file()
+    assert result_file(settings.resolved_outputs_dir(), job.result_path) is not None  # stored, on disk
     assert context.holder.loads == 1
     stopped = presence_of(context)
     assert (stopped.state, stopped.model, stopped.node) == ("stopped", "synthetic:tiny", "test@host")
     assert stopped.pid == os.getpid()
     assert stopped.device_name == "cpu" and stopped.vram_budget_bytes is None  # the budget caps CUDA only
+
+
+def test_each_job_records_the_worker_and_the_gpu_it_is_pinned_to(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WORKER_GPU (set by `worker --gpu`, `up --gpus` and compose) reaches the presence row and job_stats."""
+    monkeypatch.setenv("WORKER_GPU", "1")
+    context = WorkerContext.build(settings, node="worker-gpu1@host")
+    try:
+        context.start()
+        job_id = queued_job(context)
+        assert context.runner.run(job_id) == "rendered"
+    finally:
+        context.close()
+    presence = presence_of(context)
+    assert (presence.node, presence.gpu_index, presence.device_uuid) == ("worker-gpu1@host", 1, None)
+    with context.factory() as session:
+        stats = session.get_one(JobStats, job_id)
+    # On the CPU there is no device UUID; on CUDA it is the card's (tests/engine/test_gpu.py).
+    assert (stats.worker, stats.gpu_index, stats.device_uuid, stats.device_name) == (
+        "worker-gpu1@host",
+        1,
+        None,
+        "cpu",
+    )
+
+
+def test_a_worker_not_pinned_records_no_gpu(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORKER_GPU", raising=False)
+    context = WorkerContext.build(settings, node="celery@host")
+    try:
+        context.start()
+        job_id = queued_job(context)
+        assert context.runner.run(job_id) == "rendered"
+    finally:
+        context.close()
+    with context.factory() as session:
+        stats = session.get_one(JobStats, job_id)
+    assert (stats.worker, stats.gpu_index, presence_of(context).gpu_index) == ("celery@host", None, None)
 
 
 def presence_of(context: WorkerContext) -> WorkerPresence:

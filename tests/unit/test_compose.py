@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # ${NAME}, ${NAME:-default} (unset or empty) or ${NAME-default} (unset); `$$` is a literal dollar.
 VARIABLE = re.compile(r"(?<!\$)\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}$]*))?\}")
 # Variables the images or the libraries read, not our Settings.
-NOT_SETTINGS = {"HF_HOME", "PYTORCH_CUDA_ALLOC_CONF"}
+# WORKER_GPU names a worker's card (jobs/presence.py reads it).
+NOT_SETTINGS = {"HF_HOME", "PYTORCH_CUDA_ALLOC_CONF", "WORKER_GPU"}
 COMPOSE_ONLY = {"POSTGRES_PASSWORD", "API_BIND"}
 # What an unset (None) setting means, for compose values that spell it out.
 UNSET_MEANS = {"worker_model": DEFAULT_MODEL, "webhook_secret": ""}
@@ -81,6 +82,13 @@ def app_services() -> list[str]:
     return [name for name, service in services().items() if "build" in service]
 
 
+def worker_services() -> list[str]:
+    """The worker services, one per GPU."""
+    return [
+        name for name, service in services().items() if service.get("command") == ["nightrender", "worker"]
+    ]
+
+
 def service_env(name: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     environment = services(env)[name].get("environment", {})
     assert isinstance(environment, dict), f"{name}: environment as a mapping"
@@ -106,7 +114,7 @@ def as_setting(variable: str, text: str) -> Any:
 
 
 def test_offload_mode_defaults_to_auto_as_in_settings_and_readme() -> None:
-    assert service_env("worker")["OFFLOAD_MODE"] == "auto"
+    assert [service_env(name)["OFFLOAD_MODE"] for name in worker_services()] == ["auto", "auto"]
     assert Settings.model_fields["offload_mode"].default == "auto"
 
 
@@ -129,10 +137,13 @@ def test_every_compose_default_is_the_settings_default() -> None:
     ("service", "variable", "value"),
     [
         ("api", "ALLOWED_MODELS", "my/model,synthetic:tiny"),
-        ("worker", "ALLOWED_MODELS", "my/model,synthetic:tiny"),
-        ("worker", "OFFLOAD_MODE", "sequential"),
-        ("worker", "VRAM_BUDGET_GB", "6"),
-        ("worker", "HOST_RAM_BUDGET_GB", "24"),
+        ("worker-gpu0", "ALLOWED_MODELS", "my/model,synthetic:tiny"),
+        ("worker-gpu1", "ALLOWED_MODELS", "my/model,synthetic:tiny"),
+        ("worker-gpu0", "OFFLOAD_MODE", "sequential"),
+        ("worker-gpu1", "OFFLOAD_MODE", "sequential"),
+        ("worker-gpu0", "VRAM_BUDGET_GB", "6"),
+        ("worker-gpu1", "VRAM_BUDGET_GB", "6"),
+        ("worker-gpu0", "HOST_RAM_BUDGET_GB", "24"),
         ("api", "WEBHOOK_SECRET", "s3cret"),
     ],
 )
@@ -142,7 +153,7 @@ def test_settings_are_passed_from_the_environment(service: str, variable: str, v
 
 def test_the_worker_model_is_allowed_by_default() -> None:
     """Else every job that names no model would be refused with 422."""
-    worker = service_env("worker")
+    worker = service_env("worker-gpu0")
     assert worker["WORKER_MODEL"] in worker["ALLOWED_MODELS"].split(",")
     assert service_env("api")["ALLOWED_MODELS"] == worker["ALLOWED_MODELS"]
 
@@ -150,7 +161,9 @@ def test_the_worker_model_is_allowed_by_default() -> None:
 def test_long_running_services_restart_and_the_migration_does_not() -> None:
     policies = {name: service.get("restart") for name, service in services().items()}
     assert policies.pop("migrate") == "no"
-    assert policies == dict.fromkeys(["postgres", "redis", "api", "worker"], "unless-stopped")
+    assert policies == dict.fromkeys(
+        ["postgres", "redis", "api", "worker-gpu0", "worker-gpu1"], "unless-stopped"
+    )
 
 
 def test_the_api_is_published_on_loopback_unless_told_otherwise() -> None:
@@ -164,9 +177,9 @@ def test_the_api_is_published_on_loopback_unless_told_otherwise() -> None:
 
 def test_the_worker_healthcheck_reads_recorded_readiness_not_a_celery_ping() -> None:
     """The solo pool cannot answer `celery inspect ping` while it renders: the check failed during any job."""
-    test = services()["worker"]["healthcheck"]["test"]
-    assert test == ["CMD", "nightrender", "worker-health"]
-    assert "inspect" not in " ".join(test)
+    for name in worker_services():
+        test = services()[name]["healthcheck"]["test"]
+        assert test == ["CMD", "nightrender", "worker-health"], name
 
 
 def test_every_nightrender_command_compose_runs_exists() -> None:
@@ -259,3 +272,36 @@ def test_env_is_ignored_and_its_example_is_not() -> None:
     assert ".env" in (ROOT / ".dockerignore").read_text().split(), (
         "local secrets stay out of the build context"
     )
+
+
+def reserved_devices(name: str) -> list[dict[str, Any]]:
+    """The devices a service reserves."""
+    return services()[name]["deploy"]["resources"]["reservations"]["devices"]  # type: ignore[no-any-return]
+
+
+def test_each_worker_reserves_its_own_gpu_and_names_it_in_worker_gpu() -> None:
+    """One worker per GPU: each reserves one card by id, the card its WORKER_GPU names, no two the same."""
+    names = worker_services()
+    assert names == ["worker-gpu0", "worker-gpu1"]
+    for name in names:
+        (device,) = reserved_devices(name)
+        assert {key: device[key] for key in ("driver", "capabilities")} == {
+            "driver": "nvidia",
+            "capabilities": ["gpu"],
+        }
+        assert "count" not in device, f"{name} reserves a count of cards, not its own"
+        assert device["device_ids"] == [service_env(name)["WORKER_GPU"]] == [name.removeprefix("worker-gpu")]
+    assert len({tuple(reserved_devices(name)[0]["device_ids"]) for name in names}) == len(names)
+
+
+def test_the_workers_differ_only_in_their_gpu_and_the_second_runs_with_its_profile() -> None:
+    """The same image, command, settings, volumes and checks; a one-GPU machine starts worker-gpu0 alone."""
+    first, second = (dict(services()[name]) for name in worker_services())
+    assert (first.pop("profiles", None), second.pop("profiles")) == (None, ["gpu1"])
+    for service in (first, second):
+        service.pop("deploy")
+        service["environment"] = {k: v for k, v in service["environment"].items() if k != "WORKER_GPU"}
+    assert first == second
+    env = {"VRAM_BUDGET_GB": "6"}
+    gpu0, gpu1 = (service_env(name, env) for name in worker_services())
+    assert gpu0.items() ^ gpu1.items() == {("WORKER_GPU", "0"), ("WORKER_GPU", "1")}

@@ -11,6 +11,7 @@ from api.archive import UniqueNames
 from jobs.filenames import SLUG_CHARS, WINDOWS_RESERVED, image_stem, prompt_slug
 from jobs.lifecycle import Claim
 from jobs.params import GenerationParams
+from jobs.results import result_file, result_location, stored_result_path
 from worker.outputs import image_path
 
 SAFE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -87,3 +88,38 @@ def test_disk_name_keeps_the_attempts_lease(tmp_path: Path) -> None:
     assert second.name == "00003-99-a-red-fox-dawn-89efcdab.png"
     single = image_path(tmp_path, claim(batch_id=None, index=0, token="0123abcd-rest"))
     assert single == tmp_path / "single" / "99-a-red-fox-dawn-0123abcd.png"
+
+
+def test_a_result_is_stored_relative_to_outputs_in_posix_form(tmp_path: Path) -> None:
+    """The database holds the image's place in OUTPUTS_DIR, so another machine's mount finds it."""
+    path = image_path(tmp_path, claim(batch_id="b1", index=3, token="0123abcd-rest"))
+    assert stored_result_path(tmp_path, path) == "b1/00003-99-a-red-fox-dawn-0123abcd.png"
+    with pytest.raises(ValueError):
+        stored_result_path(tmp_path / "outputs", path)  # never written outside: refused, not stored
+
+
+def test_a_stored_result_is_found_under_the_readers_own_outputs(tmp_path: Path) -> None:
+    """Relative rows join this machine's OUTPUTS_DIR; old absolute rows are taken as they are, if inside."""
+    mounted = tmp_path / "mounted-here"
+    image = mounted / "b1" / "00003-1-fox-0123abcd.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"png")
+    assert result_file(mounted, "b1/00003-1-fox-0123abcd.png") == image
+    assert result_file(mounted, str(image)) == image  # a row from before relative paths
+    assert result_file(mounted, "b1/missing.png") is None
+    assert result_file(mounted, None) is None and result_file(mounted, "") is None
+    assert result_location(mounted, "b1/x.png") == str(mounted / "b1" / "x.png")
+
+
+def test_a_stored_result_that_leads_out_of_outputs_is_refused(tmp_path: Path) -> None:
+    """`..`, an outside absolute path and a symlink out are refused though the file they name exists."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the API")
+    (outputs / "link.png").symlink_to(secret)
+    for stored in ["../secret.png", "b1/../../secret.png", str(secret), "link.png"]:
+        assert result_file(outputs, stored) is None, stored
+    assert result_location(outputs, "../secret.png") is None
+    assert result_location(outputs, str(secret)) is None
+    assert result_location(outputs, "..") is None

@@ -76,3 +76,16 @@ def test_every_json_answer_has_a_schema(document: dict[str, Any]) -> None:
                 if code.startswith("2") and schema is not None and schema in ({}, {"type": "object"}):
                     untyped.append(f"{method.upper()} {path} {code}")
     assert untyped == []
+
+
+def test_routing_fields_are_stated(document: dict[str, Any]) -> None:
+    """Clients learn from the schema that a job may wait for a worker of its model, and why."""
+    schemas = document["components"]["schemas"]
+    assert schemas["JobView"]["properties"]["unserved"]["type"] == "boolean"
+    assert "unserved" in schemas["JobView"]["required"]
+    assert schemas["BatchView"]["properties"]["unserved_models"]["items"]["type"] == "string"
+    assert "unserved_models" in schemas["BatchView"]["required"]
+    for created in ("JobCreated", "BatchCreated"):
+        assert schemas[created]["properties"]["warnings"]["items"]["type"] == "string", created
+        assert "warnings" in schemas[created]["required"], created
+    assert schemas["WorkerView"]["properties"]["queue"]["type"] == "string"

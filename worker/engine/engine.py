@@ -17,7 +17,7 @@ from worker.engine.compiled import graphs_compiled
 from worker.engine.costs import ActivationModel, Budget, SpeedModel
 from worker.engine.fitted_costs import DEFAULT_SPEED, compiled_activations, with_scale
 from worker.engine.loading import EngineError, LoadedPipeline
-from worker.engine.memory import device_name, peak_bytes
+from worker.engine.memory import device_name, device_uuid, peak_bytes
 from worker.engine.modes import OFFLOAD_MODES
 from worker.engine.offload import apply_offload
 from worker.engine.placement import PlannedPlacement, measure_sizes, set_vae_tiling
@@ -262,7 +262,12 @@ class Engine:
 
     def _exhausted(self, attempts: list[Attempt]) -> RenderRecord:
         """The record of a job that ran out of memory on every rung: each attempt and the last one's peak."""
-        record = RenderRecord(rung=EXHAUSTED, device_name=device_name(self.device), attempts=attempts)
+        record = RenderRecord(
+            rung=EXHAUSTED,
+            device_name=device_name(self.device),
+            device_uuid=device_uuid(self.device),
+            attempts=attempts,
+        )
         record.peak_allocated_bytes, record.peak_reserved_bytes = peak_bytes(self.device)
         self._add_context(record)
         return record

@@ -25,6 +25,18 @@ def device_memory(device: torch.device) -> DeviceMemory | None:
     return _nvml_memory(index) or _torch_memory(index)
 
 
+def device_uuid(device: torch.device) -> str | None:
+    """The CUDA device's UUID as nvidia-smi prints it (GPU-...); None on the CPU.
+
+    It names one card whatever the index: a worker pinned with CUDA_VISIBLE_DEVICES=1, or a container given
+    the host's second card, sees it as device 0.
+    """
+    if device.type != "cuda":
+        return None
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
 _nvml_ready: bool | None = None
 
 
@@ -36,7 +48,10 @@ def _nvml_memory(index: int) -> DeviceMemory | None:
         if _nvml_ready is None:
             pynvml.nvmlInit()  # once per process: it costs milliseconds, and jobs read memory twice
             _nvml_ready = True
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        # By UUID, not index: NVML numbers every card of the machine and ignores CUDA_VISIBLE_DEVICES, so
+        # CUDA's device 0 of a worker pinned to the second card is NVML's device 1.
+        handle = pynvml.nvmlDeviceGetHandleByUUID(device_uuid(torch.device("cuda", index)))
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
         return DeviceMemory(total=int(info.total), used=int(info.used), free=int(info.free))
     except Exception:  # no NVML library (WSL, some containers): fall back to the CUDA runtime
         return None

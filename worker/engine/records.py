@@ -70,6 +70,8 @@ class RenderRecord:
 
     rung: str
     device_name: str
+    # The card's UUID (GPU-...), which tells two cards of one name apart; None on the CPU.
+    device_uuid: str | None = None
     plan: Plan | None = None
     attempts: list[Attempt] = field(default_factory=list)
     notes: RenderNotes = field(default_factory=RenderNotes)

@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from worker.engine.loading import LoadedPipeline
-from worker.engine.memory import device_memory, device_name, host_rss_bytes, peak_bytes, reset_for_job
+from worker.engine.memory import (
+    device_memory,
+    device_name,
+    device_uuid,
+    host_rss_bytes,
+    peak_bytes,
+    reset_for_job,
+)
 from worker.engine.records import RenderRecord
 
 # Called after each denoising step with (steps done, total); returning False stops the render.
@@ -74,7 +81,7 @@ def render(
     """
     device = loaded.device
     reset_for_job(device)
-    stats = RenderRecord(rung="none", device_name=device_name(device))
+    stats = RenderRecord(rung="none", device_name=device_name(device), device_uuid=device_uuid(device))
     _record_start(stats, device)
     with torch.inference_mode():
         with timed(stats, "encode", device):

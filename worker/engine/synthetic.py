@@ -6,6 +6,7 @@ No machine here can download weights, so tests and benchmarks build these, save 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,8 +18,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+log = logging.getLogger(__name__)
 
 PREFIX = "synthetic:"
 COMPLETE_MARKER = ".nightrender-complete"
@@ -177,11 +181,22 @@ def build_components(spec: SyntheticSpec, dtype: torch.dtype = torch.float32) ->
 
 
 def ensure_saved(model: str, cache_dir: Path, build_device: str = "cpu") -> Path:
-    """The folder of a saved synthetic pipeline, building it once (atomically) if missing."""
+    """The folder of a saved synthetic pipeline, building it once (atomically) if missing.
+
+    Workers sharing MODEL_CACHE_DIR (one per GPU) start together: a file lock lets the first build it
+    while the others wait, then find it complete and load it, instead of each building its own copy.
+    """
     folder = cache_dir / model.replace(":", "-")
     if (folder / COMPLETE_MARKER).exists():
         return folder
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_dir / f".{folder.name}.lock"):
+        if not (folder / COMPLETE_MARKER).exists():
+            _build_and_save(model, cache_dir, folder, build_device)
+    return folder
+
+
+def _build_and_save(model: str, cache_dir: Path, folder: Path, build_device: str) -> None:
     spec = spec_for(model)
     dtype = torch.float32 if model == "synthetic:tiny" else torch.bfloat16
     with torch.device(build_device):
@@ -198,7 +213,7 @@ def ensure_saved(model: str, cache_dir: Path, build_device: str = "cpu") -> Path
     if build_device == "cuda":
         torch.cuda.empty_cache()  # hand the build's 20 GB back before anything measures free memory
     _publish_folder(staging, folder)
-    return folder
+    log.info("built %s in %s", model, folder)
 
 
 def _publish_folder(staging: Path, folder: Path) -> None:

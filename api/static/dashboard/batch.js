@@ -33,6 +33,8 @@ export function batchPage(main, { id }) {
   const percent = h("span", { class: "percent" });
   const counts = h("span", { id: "batch-counts" });
   const eta = h("span", { id: "batch-eta" });
+  // Queued jobs whose model no running worker serves: they wait (nothing fails) until one starts.
+  const unserved = h("p", { class: "muted", id: "batch-unserved", "aria-live": "polite", hidden: true });
   const cancel = actionButton("Cancel batch", () => act("cancel"), { id: "cancel-batch", hidden: true });
   const retry = actionButton("Retry failed jobs", () => act("retry"), { id: "retry-batch", hidden: true });
   const gallery = h("ul", { class: "gallery", id: "gallery", "aria-label": "Jobs of this batch" });
@@ -51,6 +53,7 @@ export function batchPage(main, { id }) {
       counts,
       h("span", {}, "ETA: ", eta),
     ),
+    unserved,
     h("div", { class: "toolbar" }, cancel, retry, archiveControl()),
     h("h2", {}, "Images"),
     gallery,
@@ -90,6 +93,14 @@ export function batchPage(main, { id }) {
     setText(counts, `${batch.total.toLocaleString()} jobs: ${countsText(batch.counts)}`);
     const active = batch.status === "queued" || batch.status === "running";
     setText(eta, queue.paused && active ? "paused (the queue is paused)" : formatEta(batch));
+    const waiting = batch.unserved_models || [];
+    unserved.hidden = !waiting.length;
+    setText(
+      unserved,
+      waiting.length
+        ? `Waiting: no running worker serves ${waiting.join(", ")}; those jobs stay queued until one starts.`
+        : "",
+    );
     cancel.hidden = !(batch.counts.queued + batch.counts.running);
     retry.hidden = !(batch.counts.failed + batch.counts.cancelled);
     setText(retry, `Retry failed jobs (${batch.counts.failed + batch.counts.cancelled})`);

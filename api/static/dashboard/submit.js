@@ -215,7 +215,9 @@ export function submitPage(main) {
       const created = file.files.length
         ? await postForm("v1/batches", formBody())
         : await postJson("v1/batches", jsonBody());
-      notify(`Batch ${created.id.slice(0, 8)} queued: ${created.job_ids.length} jobs.`);
+      // A model no running worker serves is a warning, not a refusal: the jobs wait for one to start.
+      const queued = `Batch ${created.id.slice(0, 8)} queued: ${created.job_ids.length} jobs.`;
+      notify([queued, ...(created.warnings || [])].join(" "));
       location.hash = `#/batch/${created.id}`;
     } catch (error) {
       setText(problem, error.message);
