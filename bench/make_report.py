@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from multi_gpu_report import multi_gpu_part
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {12: 0.90, 8: 0.75, 6: 0.60}
 COLUMNS = [
@@ -274,8 +276,8 @@ def main() -> None:
         "",
     ]
     for path in sorted(RESULTS.glob("*.json")):
-        if path.stem.startswith(("service-", "api-")):
-            continue  # the service section below; the API load results are in the README
+        if path.stem.startswith(("service-", "api-", "multi-gpu-")):
+            continue  # sections of their own below; the API load results are in the README
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "rows" not in data:
             continue
@@ -291,6 +293,7 @@ def main() -> None:
             "",
         ]
     parts += service_part()
+    parts += multi_gpu_part()
     (RESULTS.parent / "RESULTS.md").write_text("\n".join(parts))
 
 

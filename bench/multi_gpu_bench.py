@@ -164,6 +164,8 @@ def result_row(
     s = row.get("s_per_image")
     speedup = round(one / s, 3) if one and s else None
     workers = len(gpus) - (1 if row.get("killed") else 0)
+    if len(gpus) > 1:  # wall per job minus one worker's GPU seconds means nothing with several workers
+        row.pop("overhead_ms_per_job", None)
     head = {"name": name, "gpus": len(gpus), "workers": workers, "images": row.get("images")}
     head.update(s_per_image=s, speedup_vs_one=speedup, card=card)
     return {**head, **{k: v for k, v in row.items() if k not in head}}
