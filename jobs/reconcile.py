@@ -28,6 +28,7 @@ class ReconcileReport:
     requeued: int
     failed: int
     republished: int
+    rerouted: int = 0  # of the republished: jobs whose message waited in the old single queue
 
 
 def recover_stale_running(session: Session, *, stale_after_s: float) -> tuple[int, int]:
@@ -49,6 +50,30 @@ def mark_lost_messages(session: Session, *, live: set[str], older_than_s: float)
     lost = [job_id for job_id in candidates if job_id not in live]
     mark_lost(session, job_ids=lost)
     return len(lost)
+
+
+def reroute_legacy_messages(factory: sessionmaker[Session], publisher: Publisher) -> int:
+    """Jobs whose message waits in the single queue of versions before one queue per model: marked
+    unpublished, so this pass publishes them to their model's queue (nobody consumes the old one).
+
+    The old queue's lists are deleted first: a crash before the mark only delays those jobs until the
+    lost-message check finds them. A job that already has a message in its model's queue, or one a
+    worker holds unacknowledged, is left alone, so it never gets a second one.
+    """
+    try:
+        drained = publisher.drain_legacy_queue()
+    except Exception as error:  # the broker is down: nothing can be published this pass either
+        log.warning("reconciler: the old single queue could not be read: %s", error)
+        return 0
+    if not drained:
+        return 0
+    with factory() as session:
+        live = publisher.live_job_ids(queued_models(session))
+    with transaction(factory) as session:
+        # mark_lost changes queued jobs only: a finished or cancelled job's stale message is just dropped.
+        rerouted = mark_lost(session, job_ids=[job_id for job_id in drained if job_id not in live])
+    log.info("reconciler: %d messages left in the old single queue; %d jobs rerouted", len(drained), rerouted)
+    return rerouted
 
 
 def queued_models(session: Session) -> set[str]:
@@ -74,7 +99,8 @@ def reconcile_once(
     stale_after_s: float,
     republish_after_s: float | None = None,
 ) -> ReconcileReport:
-    """One pass: recover stale jobs, find lost messages, then publish whatever has no message.
+    """One pass: recover stale jobs, reroute the old single queue, find lost messages, then publish whatever
+    has no message.
 
     Nothing is published while the queue is paused; resuming runs a pass at once.
     """
@@ -83,6 +109,7 @@ def reconcile_once(
         paused = is_paused(session)
     if paused:
         return ReconcileReport(requeued=requeued, failed=failed, republished=0)
+    rerouted = reroute_legacy_messages(factory, publisher)
     if republish_after_s is not None:
         # Every queued job's model queue is read, served or not: a message waiting for a worker that
         # has not started yet is live, and republishing it would add a duplicate every pass.
@@ -99,7 +126,7 @@ def reconcile_once(
         republished += sent
         if sent < REPUBLISH_CHUNK:
             break
-    report = ReconcileReport(requeued=requeued, failed=failed, republished=republished)
+    report = ReconcileReport(requeued=requeued, failed=failed, republished=republished, rerouted=rerouted)
     if requeued or failed or republished:
         log.info("reconciler: %s", report)
     return report

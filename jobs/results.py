@@ -40,5 +40,7 @@ def result_location(outputs_dir: Path, stored: str) -> str | None:
     For sums over many files (an archive's size estimate), where `resolve()` costs ~10x the `stat`. It
     does not see symlinks: what is then read from the file must go through `result_file`.
     """
-    joined = os.path.normpath(os.path.join(outputs_dir, stored))
-    return joined if joined.startswith(f"{outputs_dir}{os.sep}") else None
+    base = os.fspath(outputs_dir)
+    joined = os.path.normpath(os.path.join(base, stored))
+    # commonpath, not a prefix test: an OUTPUTS_DIR of `/` made the prefix `//`, which matched nothing.
+    return joined if joined != base and os.path.commonpath([base, joined]) == base else None

@@ -1,8 +1,9 @@
 """Which models live workers serve: a job for a model nobody serves stays queued, and clients are told.
 
 A worker serves the one model it loaded (WORKER_MODEL) and consumes only that model's queue. It counts
-as serving while its presence row is ready and beating, or while it is still starting (a first start
-downloads the model, which can take many minutes, so a starting row counts for STARTING_GRACE_S).
+as serving while its presence row is ready or still starting (a first start downloads the model, which can
+take many minutes), and beating: a worker beats from its announce on (worker/presence.py), so one killed
+while loading stops counting after the same silence as a ready one.
 """
 
 from __future__ import annotations
@@ -10,25 +11,19 @@ from __future__ import annotations
 from collections import Counter
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from jobs.presence import READY, STARTING
 from jobs.tables import WorkerPresence
 
-STARTING_GRACE_S = 30 * 60.0
-
 
 def serving_counts(session: Session, *, now: datetime, silent_after_s: float) -> Counter[str]:
-    """Live (or starting) workers per model they serve."""
+    """Live (or starting) workers per model they serve: ready or starting, and heard from lately."""
     beating_since = now - timedelta(seconds=silent_after_s)
-    started_since = now - timedelta(seconds=STARTING_GRACE_S)
     rows = session.scalars(
         select(WorkerPresence.model).where(
-            or_(
-                (WorkerPresence.state == READY) & (WorkerPresence.beat_at >= beating_since),
-                (WorkerPresence.state == STARTING) & (WorkerPresence.started_at >= started_since),
-            )
+            WorkerPresence.state.in_((READY, STARTING)), WorkerPresence.beat_at >= beating_since
         )
     ).all()
     return Counter(rows)

@@ -123,7 +123,8 @@ class Job(Base):
     """One image to render: its parameters, its place in the queue and its outcome."""
 
     __tablename__ = "jobs"
-    # The two indexes of migration 0007: the queue in FIFO order, and a batch's jobs in order.
+    # The two indexes of migration 0007: the queue in FIFO order, and a batch's jobs in order; and one
+    # model's queue in FIFO order (migration 0010), for a worker's claim, which reads only its model's jobs.
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
         Index(
@@ -136,6 +137,16 @@ class Job(Base):
             "id",
         ),
         Index("ix_jobs_batch_order", "batch_id", "batch_index"),
+        Index(
+            "ix_jobs_model_queue_order",
+            "status",
+            "model",
+            text("priority DESC"),
+            "attempts",
+            "created_at",
+            "batch_index",
+            "id",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -264,6 +275,8 @@ class WorkerPresence(Base):
     """
 
     __tablename__ = "workers"
+    # The live workers (jobs.serving): ready ones by their last beat (migration 0010).
+    __table_args__ = (Index("ix_workers_state_beat_at", "state", "beat_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     node: Mapped[str] = mapped_column(String(200))  # Celery's node name, e.g. celery@host

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, MetaData, Table, create_engine, insert, inspect, 
 from sqlalchemy.orm import Session
 
 from jobs import migrate
-from jobs.tables import Base, JobStats
+from jobs.tables import Base, Job, JobStats, WorkerPresence
 from tests.conftest import BACKENDS
 
 TABLES = {
@@ -187,7 +187,8 @@ IDENTITY = {"worker", "gpu_index", "device_uuid"}
 @pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
 def test_0010_adds_which_worker_and_card_and_takes_them_back(empty_database_url: str, engine: Engine) -> None:
     """job_stats gains worker, gpu_index and device_uuid, workers gains gpu_index and device_uuid (empty on
-    the rows already there), and the downgrade drops them, keeping the rows and the indexes."""
+    the rows already there), jobs and workers gain the claim's and the live workers' indexes, and the
+    downgrade drops them all, keeping the rows and the other indexes."""
     migrate.upgrade(empty_database_url, "0007")
     insert_old_rows(engine)
     migrate.upgrade(empty_database_url, "0009")
@@ -197,6 +198,7 @@ def test_0010_adds_which_worker_and_card_and_takes_them_back(empty_database_url:
     with engine.begin() as connection:
         connection.execute(insert(Table("workers", MetaData(), autoload_with=engine)).values(**presence))
     stats_before, workers_before = columns(engine, "job_stats"), columns(engine, "workers")
+    jobs_indexes_before = index_columns(engine, "jobs")
 
     migrate.upgrade(empty_database_url, "0010")
     assert columns(engine, "job_stats") == stats_before | IDENTITY
@@ -206,6 +208,14 @@ def test_0010_adds_which_worker_and_card_and_takes_them_back(empty_database_url:
         stats = connection.execute(text("SELECT worker, gpu_index, device_uuid FROM job_stats")).all()
     assert tuple(row) == ("celery@a", None, None)
     assert [tuple(identity) for identity in stats] == [(None, None, None)] * len(ROWS)
+    assert index_columns(engine, "jobs") == jobs_indexes_before | {
+        "ix_jobs_model_queue_order": MODEL_QUEUE_ORDER
+    }
+    assert index_columns(engine, "workers") == {
+        "ix_workers_host": ("host",),
+        "ix_workers_state_beat_at": LIVE,
+    }
+    assert priority_descends(engine, "ix_jobs_model_queue_order")
 
     migrate.downgrade(empty_database_url, "0009")
     assert (columns(engine, "job_stats"), columns(engine, "workers")) == (stats_before, workers_before)
@@ -214,3 +224,43 @@ def test_0010_adds_which_worker_and_card_and_takes_them_back(empty_database_url:
         assert set(connection.execute(text("SELECT job_id FROM job_stats")).scalars()) == set(ROWS)
     assert stats_indexes(engine) == {"ix_job_stats_recorded_at"}
     assert {index["name"] for index in inspect(engine).get_indexes("workers")} == {"ix_workers_host"}
+    assert index_columns(engine, "jobs") == jobs_indexes_before
+    assert priority_descends(engine, "ix_jobs_queue_order")  # untouched by the downgrade's table copies
+
+
+MODEL_QUEUE_ORDER = ("status", "model", "priority", "attempts", "created_at", "batch_index", "id")
+LIVE = ("state", "beat_at")
+
+
+def index_columns(engine: Engine, table: str) -> dict[str, tuple[str, ...]]:
+    """A table's named indexes and their columns, in order."""
+    indexes = inspect(engine).get_indexes(table)
+    return {index["name"]: tuple(map(str, index["column_names"])) for index in indexes if index["name"]}
+
+
+def priority_descends(engine: Engine, name: str) -> bool:
+    """Whether a jobs index keeps `priority DESC` (SQLite's batch copies would lose it)."""
+    if engine.dialect.name == "postgresql":
+        (index,) = [index for index in inspect(engine).get_indexes("jobs") if index["name"] == name]
+        return index.get("column_sorting", {}).get("priority") == ("desc",)
+    with engine.connect() as connection:
+        sql = connection.execute(text("SELECT sql FROM sqlite_master WHERE name = :n"), {"n": name}).scalar()
+    return "priority DESC" in str(sql)
+
+
+@pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
+def test_the_models_declare_the_migrated_claim_and_live_worker_indexes(
+    empty_database_url: str, engine: Engine
+) -> None:
+    """jobs.tables declares the indexes migration 0010 makes, with the same columns in the same order."""
+    migrate.upgrade(empty_database_url)
+    declared = {
+        index.name: tuple(str(getattr(c, "name", c)).split()[0] for c in index.expressions)
+        for table in (Job.__table__, WorkerPresence.__table__)
+        for index in table.indexes  # type: ignore[attr-defined]
+    }
+    assert declared["ix_jobs_model_queue_order"] == MODEL_QUEUE_ORDER
+    assert declared["ix_workers_state_beat_at"] == LIVE
+    migrated = index_columns(engine, "jobs") | index_columns(engine, "workers")
+    assert migrated["ix_jobs_model_queue_order"] == MODEL_QUEUE_ORDER
+    assert migrated["ix_workers_state_beat_at"] == LIVE

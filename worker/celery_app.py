@@ -1,6 +1,7 @@
 """The Celery app for one GPU: solo pool, one job at a time, the pipeline loaded once at start.
 
-Start it with `nightrender worker` (or `celery -A worker.celery_app worker -P solo -c 1`). Importing
+Start it with `nightrender worker` (or `celery -A worker.celery_app worker -P solo -c 1`): either way it
+consumes only the queue of its WORKER_MODEL (`jobs.queue.model_queue`), its default queue. Importing
 this module builds nothing: the settings are read when Celery first needs its configuration, and the
 process's resources (a `WorkerContext`) are built in `worker_init` and closed in `worker_shutdown`.
 """
@@ -14,7 +15,7 @@ from celery import Celery, Task
 from celery.signals import worker_init, worker_shutdown
 
 from jobs.presence import this_host
-from jobs.queue import RENDER_TASK, broker_transport_options, publisher_config
+from jobs.queue import RENDER_TASK, broker_transport_options, model_queue, publisher_config
 from jobs.settings import Settings, get_settings
 from jobs.stack_identity import StackConflict
 from worker.context import WorkerContext
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def worker_config(settings: Settings) -> dict[str, object]:
-    """The publisher's settings plus the worker's own: one job at a time, acknowledged once it is done."""
+    """The publisher's settings plus the worker's own: its model's queue, one job at a time, acknowledged
+    once it is done."""
     transport = {
         **broker_transport_options(settings),
         "queue_order_strategy": "priority",
@@ -36,6 +38,10 @@ def worker_config(settings: Settings) -> dict[str, object]:
     return {
         **publisher_config(settings),
         "broker_transport_options": transport,
+        # The queue a worker started without `--queues` consumes: its model's, where the publisher sends
+        # that model's jobs (the base QUEUE_NAME gets no messages, so a worker on it would look ready
+        # and serve nothing). `nightrender worker` passes the same name as `--queues`.
+        "task_default_queue": model_queue(settings.queue_name, settings.resolved_worker_model()),
         # Above the longest job; Celery reads it from both option sets, so both carry it.
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,

@@ -1,7 +1,10 @@
 """A worker process's presence row: announced at start, ready once placed, beating from a thread.
 
 The beat runs on its own thread because the solo pool is busy for a whole render; a compose
-healthcheck that reads it stays green while a long job runs.
+healthcheck that reads it stays green while a long job runs. It starts at announce, so a worker still
+loading its model beats too, and one killed while loading stops counting as serving within a silence
+(jobs/serving.py). Loading does not starve it: file reads and torch's kernels release the GIL, and Python
+code yields it every few milliseconds.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class PresenceReporter:
         self.worker_id: str | None = None
 
     def announce(self) -> None:
-        """Record the start, then claim the broker for this stack (StackConflict if another owns it)."""
+        """Record the start, claim the broker (StackConflict if another stack owns it), and begin beating."""
         s = self._settings
         with self._factory() as session:
             self.worker_id = presence.announce_worker(
@@ -43,6 +46,8 @@ class PresenceReporter:
                 offload_mode=s.offload_mode, gpu_index=self._gpu_index,
             )  # fmt: skip
         claim_broker_for(s, self._factory)
+        self._beats = threading.Thread(target=self._beat_until_stopped, name="presence-beat", daemon=True)
+        self._beats.start()
 
     def ready(
         self,
@@ -52,29 +57,31 @@ class PresenceReporter:
         forecast: list[dict[str, Any]],
         device_uuid: str | None = None,
     ) -> None:
-        """The model is placed: say so (with the planner's forecast and the card), and start beating."""
+        """The model is placed: say so (with the planner's forecast and the card); the beats go on."""
         with self._factory() as session:
             presence.mark_ready(
                 session, worker_id=self._id(), device_name=device_name, device_uuid=device_uuid,
                 vram_budget_bytes=vram_budget_bytes, forecast=forecast,
             )  # fmt: skip
-        self._beats = threading.Thread(target=self._beat_until_stopped, name="presence-beat", daemon=True)
-        self._beats.start()
 
     def failed(self, error: str) -> None:
-        """The worker cannot start; the reason is stored for `up` and `run` to print."""
+        """The worker cannot start; the reason is stored for `up` and `run` to print. The beats end."""
+        self._stop_beating()
         if self.worker_id is not None:
             with self._factory() as session:
                 presence.mark_failed(session, worker_id=self.worker_id, error=error)
 
     def stopped(self) -> None:
         """Warm shutdown done: stop beating and say so."""
-        self._stopping.set()
-        if self._beats is not None:
-            self._beats.join(timeout=5)
+        self._stop_beating()
         if self.worker_id is not None:
             with self._factory() as session:
                 presence.mark_stopped(session, worker_id=self.worker_id)
+
+    def _stop_beating(self) -> None:
+        self._stopping.set()
+        if self._beats is not None:
+            self._beats.join(timeout=5)
 
     def _beat_until_stopped(self) -> None:
         while not self._stopping.wait(self._settings.heartbeat_interval_s):

@@ -78,6 +78,22 @@ def test_up_with_gpus_without_a_gpu_is_a_one_line_error_and_starts_nothing(
     nothing_started(env)
 
 
+def test_under_the_users_cuda_visible_devices_gpu_counts_positions_in_it(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    env = {**stack_env(tmp_path, model_cache, "listed"), "CUDA_VISIBLE_DEVICES": "5,7"}
+    result = cli(env, "worker", "--gpu", "2")
+    assert result.returncode == 2
+    assert output(result) == (
+        "error: --gpu 2: GPU 2 is not on this machine: it has GPUs 0-1 "
+        "(positions in CUDA_VISIBLE_DEVICES=5,7)"
+    )
+    env.pop("CUDA_VISIBLE_DEVICES")
+    named = cli({**env, "WORKER_GPU": "gpu1"}, "worker")
+    assert named.returncode == 2 and "WORKER_GPU must be a GPU index (0, 1, ...), not 'gpu1'" in output(named)
+    nothing_started(env)
+
+
 @pytest.fixture
 def two_worker_stack(settings: Settings) -> Iterator[Stack]:
     """The API and a worker for "GPUs" 0 and 1, holding the data directory's lock; always stopped."""
@@ -162,6 +178,49 @@ def test_the_lock_record_names_every_worker_so_a_killed_stacks_are_all_stopped(
     )
     assert all(stack.processes[name].wait(timeout=30) is not None for name in workers)
     assert not stack.worker_alive()
+
+
+def test_up_outlives_one_dead_worker_and_ends_when_none_is_left(tmp_path: Path, model_cache: Path) -> None:
+    """`up --gpus 0,1` under CUDA_VISIBLE_DEVICES=0,1 (on the CPU, each "card" runs on the CPU).
+
+    The list makes the GPUs countable here: the indices are positions in it. One worker killed: `up`
+    says so and goes on with the API and the other. The last one killed: `up` stops the rest and fails.
+    """
+    env = {**stack_env(tmp_path, model_cache, "outlive"), "CUDA_VISIBLE_DEVICES": "0,1"}
+    up = subprocess.Popen(
+        [*CLI, "up", "--gpus", "0,1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    started: list[psutil.Process] = []
+    try:
+        wait_for_line(up, UP_READY, timeout_s=300)
+        started = psutil.Process(up.pid).children(recursive=True)
+        record = StackLock(Path(env["DATA_DIR"])).read()
+        assert record is not None
+        workers = {name: record.children[name][0] for name in ("worker-gpu0", "worker-gpu1")}
+        os.kill(workers["worker-gpu1"], signal.SIGKILL)
+        said = wait_for_line(up, "worker-gpu1 exited with -9", timeout_s=60)
+        assert (
+            "worker-gpu1 exited with -9; the other workers go on, and its jobs are requeued after "
+            "HEARTBEAT_STALE_S (120s); see `nightrender logs worker-gpu1`" in said
+        )
+        assert up.poll() is None and psutil.pid_exists(workers["worker-gpu0"])
+        assert httpx.get(f"http://127.0.0.1:{env['API_PORT']}/healthz", timeout=10).status_code == 200
+        shown = output(cli(env, "logs", "-n", "5"))  # unnamed: both GPU workers' logs, each under its name
+        assert "==> worker-gpu0.log <==" in shown and "==> worker-gpu1.log <==" in shown
+        os.kill(workers["worker-gpu0"], signal.SIGKILL)
+        assert up.wait(timeout=120) == 2
+        assert up.stdout is not None
+        ended = " ".join(up.stdout.read().split())
+        assert "error: every worker exited (worker-gpu0 with -9, worker-gpu1 with -9)" in ended
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert [p.cmdline() for p in alive] == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=30)
+        for process in started:
+            if process.is_running():
+                process.kill()
 
 
 @pytest.mark.gpu

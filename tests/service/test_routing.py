@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from kombu.transport.redis import Channel
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
@@ -29,8 +31,9 @@ from jobs.db import make_database, make_session_factory
 from jobs.presence import announce_worker, mark_ready, mark_stopped
 from jobs.queue import PRIORITY_STEPS, Publication, Publisher, model_queue
 from jobs.reconcile import reconcile_once
+from jobs.serving import serving_counts, serving_workers
 from jobs.settings import Settings
-from jobs.tables import Job
+from jobs.tables import Job, WorkerPresence, utcnow
 from jobs.unserved import unserved_warning
 from tests.conftest import REDIS_URL, local_client
 
@@ -301,3 +304,24 @@ def test_the_workers_list_names_the_queue_each_worker_consumes(
     ready_worker(factory, UNSERVED)
     (worker,) = get(client, "/v1/workers")["workers"]
     assert (worker["model"], worker["queue"]) == (UNSERVED, model_queue(settings.queue_name, UNSERVED))
+
+
+def test_a_starting_worker_serves_only_while_it_beats(factory: sessionmaker[Session]) -> None:
+    """One killed while loading its model stops counting after the silence a ready one gets (not 30 min)."""
+    now = utcnow()
+    with factory() as session:
+        beating = announce_worker(
+            session, node="loading@test", model=UNSERVED, dtype="bf16", offload_mode="auto"
+        )
+        killed = announce_worker(
+            session, node="killed@test", model=UNSERVED, dtype="bf16", offload_mode="auto"
+        )
+        session.execute(
+            update(WorkerPresence)
+            .where(WorkerPresence.id == killed)
+            .values(started_at=now - timedelta(minutes=2), beat_at=now - timedelta(minutes=2))
+        )
+        session.commit()
+        assert serving_workers(session, model=UNSERVED, now=now, silent_after_s=30.0) == 1
+        mark_stopped(session, worker_id=beating)
+        assert serving_counts(session, now=now, silent_after_s=30.0)[UNSERVED] == 0

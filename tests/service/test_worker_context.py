@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 import redis
 
 from jobs.db import transaction
 from jobs.params import GenerationParams
-from jobs.queue import publisher_config
+from jobs.queue import model_queue, publisher_config
 from jobs.results import result_file
 from jobs.settings import Settings
 from jobs.stack_identity import StackConflict, claim_broker
@@ -128,10 +129,11 @@ def test_an_unknown_offload_mode_is_refused_before_any_model_loads(settings: Set
 
 def test_the_worker_reads_the_queue_as_the_publisher_writes_it(settings: Settings) -> None:
     published, worker = publisher_config(settings), worker_config(settings)
-    # Same broker, queue and serializer; the same priority lists and visibility timeout, extended.
-    assert {key: worker[key] for key in published if key != "broker_transport_options"} == {
-        key: value for key, value in published.items() if key != "broker_transport_options"
-    }
+    # Same broker and serializer; the same priority lists and visibility timeout, extended. The worker's
+    # default queue is its model's, the one the publisher sends that model's jobs to.
+    shared = {key for key in published if key not in ("broker_transport_options", "task_default_queue")}
+    assert {key: worker[key] for key in shared} == {key: published[key] for key in shared}
+    assert worker["task_default_queue"] == model_queue(settings.queue_name, settings.resolved_worker_model())
     transport = worker["broker_transport_options"]
     assert isinstance(transport, dict)
     assert transport.items() >= published["broker_transport_options"].items()  # type: ignore[attr-defined]
@@ -143,3 +145,20 @@ def test_the_worker_reads_the_queue_as_the_publisher_writes_it(settings: Setting
     )
     assert worker["task_acks_late"] is True and worker["task_reject_on_worker_lost"] is True
     assert not {key for key in published if key.startswith(("worker_", "task_acks", "task_reject"))}
+
+
+def test_a_starting_worker_beats_before_its_model_is_loaded(settings: Settings) -> None:
+    """The beat begins at announce, so a worker killed while loading stops counting as serving."""
+    context = WorkerContext.build(settings.model_copy(update={"heartbeat_interval_s": 0.1}), node="test@host")
+    try:
+        context.presence.announce()  # what start() does first; the model is not loaded yet
+        announced = presence_of(context)
+        deadline = time.monotonic() + 30
+        while presence_of(context).beat_at <= announced.beat_at and time.monotonic() < deadline:
+            time.sleep(0.05)
+        beaten = presence_of(context)
+        assert (beaten.state, context.holder.loads) == ("starting", 0)
+        assert beaten.beat_at > announced.beat_at
+    finally:
+        context.close()
+    assert presence_of(context).state == "stopped"

@@ -123,3 +123,14 @@ def test_a_stored_result_that_leads_out_of_outputs_is_refused(tmp_path: Path) ->
     assert result_location(outputs, "../secret.png") is None
     assert result_location(outputs, str(secret)) is None
     assert result_location(outputs, "..") is None
+
+
+def test_an_outputs_dir_at_the_root_still_locates_its_images(tmp_path: Path) -> None:
+    """OUTPUTS_DIR=/ (a container's whole volume) holds every absolute path, but not itself."""
+    root = Path("/")
+    assert result_location(root, "b1/x.png") == "/b1/x.png"
+    assert result_location(root, str(tmp_path / "x.png")) == str(tmp_path / "x.png")
+    assert result_location(root, "../b1/x.png") == "/b1/x.png"  # `..` of the root is the root
+    assert result_location(root, "") is None and result_location(root, ".") is None
+    sibling = tmp_path / "outputs-old" / "x.png"  # a sibling sharing the folder name's prefix
+    assert result_location(tmp_path / "outputs", str(sibling)) is None
