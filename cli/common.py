@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, NoReturn
 
 import typer
@@ -45,3 +46,25 @@ def fail(message: str) -> NoReturn:
     """Print the reason and exit 2, as every CLI error does."""
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code=2)
+
+
+Gpus = Annotated[
+    str | None,
+    typer.Option(
+        help="One worker per GPU: all, or indices as nvidia-smi numbers them (0,1), or positions in "
+        "CUDA_VISIBLE_DEVICES when it is set; each gets its own budget; one that dies leaves the others "
+        "running"
+    ),
+]
+
+
+def chosen_gpus(gpus: str | None) -> list[int] | None:
+    """The GPUs `--gpus` names, checked against this machine's before anything starts (None without it)."""
+    from cli.gpus import GpuChoiceError, numbering, parse_gpus, visible_gpu_count
+
+    if gpus is None:
+        return None
+    try:
+        return parse_gpus(gpus, visible_gpu_count(), numbered=numbering(os.environ))
+    except GpuChoiceError as error:
+        fail(str(error))

@@ -15,7 +15,7 @@ import httpx
 import typer
 
 from cli.client import ApiError, Client
-from cli.common import Budget, Model, Size, console, fail, settings
+from cli.common import Budget, Gpus, Model, Size, chosen_gpus, console, fail, settings
 from cli.downloads import download_batch
 from cli.render_options import (
     Dtype,
@@ -64,6 +64,7 @@ def run(
     priority: Priority = 0,
     dtype: Dtype = DtypeChoice.BF16,
     budget: Budget = None,
+    gpus: Gpus = None,
     new: New = False,
     nonce: Nonce = None,
 ) -> None:
@@ -79,10 +80,11 @@ def run(
         )  # fmt: skip
     except ValueError as error:
         fail(str(error))
+    chosen = chosen_gpus(gpus)  # checked before anything is submitted or started
     nonce = secrets.token_hex(8) if new else nonce
     key = run_key(prompts_file.read_bytes(), prompts_file.suffix, fields, nonce)
     resume = resume_command(sys.argv, nonce if new else None)
-    _run(prompts_file, fields, key, out=out, model=model, budget=budget, resume=resume)
+    _run(prompts_file, fields, key, out=out, model=model, budget=budget, gpus=chosen, resume=resume)
 
 
 def _run(
@@ -93,6 +95,7 @@ def _run(
     out: Path,
     model: str | None,
     budget: str | None,
+    gpus: list[int] | None,
     resume: str,
 ) -> None:
     from cli.stack import StackError
@@ -103,7 +106,7 @@ def _run(
     # SIGTERM and SIGHUP act like Ctrl-C: the stack stops, and the resume command is printed.
     with interrupt_on_termination():
         try:
-            stack = _stack_for(client, model, budget)
+            stack = _stack_for(client, model, budget, gpus)
             if stack is not None:
                 stack.start()
             created = client.submit_file(prompts_file, fields, idempotency_key=key)
@@ -121,16 +124,23 @@ def _run(
                     stack.stop()
 
 
-def _stack_for(client: Client, model: str | None, budget: str | None) -> Stack | None:
-    """A stack to start when no API answers; None (with a word on --budget) when one does."""
+def _stack_for(client: Client, model: str | None, budget: str | None, gpus: list[int] | None) -> Stack | None:
+    """A stack to start when no API answers (one worker per GPU with --gpus); None (with a word on
+    --budget and --gpus) when one does."""
     from cli.stack import Stack, worker_overrides
 
     if not client.healthy():
         if settings().api_url:  # a stack elsewhere that does not answer: starting one here would not help
             fail(f"no nightrender API answers at {settings().api_url} (API_URL / --api-url)")
-        console.print("starting the embedded stack (SQLite + embedded Redis + API + worker)...")
-        return Stack(settings(), extra_env=worker_overrides(model, budget), exclusive=True)
+        workers = f"{len(gpus)} workers, one per GPU" if gpus else "worker"
+        console.print(f"starting the embedded stack (SQLite + embedded Redis + API + {workers})...")
+        return Stack(settings(), extra_env=worker_overrides(model, budget), exclusive=True, gpus=gpus)
     url = settings().resolved_api_url()
+    if gpus is not None:
+        console.print(
+            f"[yellow]warning:[/yellow] --gpus does not apply: the API at {url} is already up, with its own "
+            "workers (`nightrender stop`, then run again, to start one per GPU)"
+        )
     if budget is not None:
         console.print(
             f"[yellow]warning:[/yellow] --budget does not apply: the API at {url} is already up, with "

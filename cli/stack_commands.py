@@ -16,7 +16,7 @@ from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from cli.common import Budget, Model, console, fail, settings
+from cli.common import Budget, Gpus, Model, chosen_gpus, console, fail, settings
 from cli.render_views import gigabytes
 from cli.signals import interrupt_on_termination, shielded
 from jobs.db import make_database, make_session_factory
@@ -28,14 +28,6 @@ if TYPE_CHECKING:
 
 LOG_NAMES = ("worker", "api", "redis")
 
-Gpus = Annotated[
-    str | None,
-    typer.Option(
-        help="One worker per GPU: all, or indices as nvidia-smi numbers them (0,1), or positions in "
-        "CUDA_VISIBLE_DEVICES when it is set; each gets its own budget; one that dies leaves the others "
-        "running"
-    ),
-]
 Gpu = Annotated[
     int | None,
     typer.Option(
@@ -54,7 +46,7 @@ def up(model: Model = None, budget: Budget = None, gpus: Gpus = None) -> None:
     """
     from cli.stack import Stack, StackError, worker_overrides
 
-    chosen = _chosen_gpus(gpus)
+    chosen = chosen_gpus(gpus)
     stack = Stack(settings(), extra_env=worker_overrides(model, budget), exclusive=True, gpus=chosen)
     failure = None
     try:
@@ -73,18 +65,6 @@ def up(model: Model = None, budget: Budget = None, gpus: Gpus = None) -> None:
             stack.stop()
     if failure:
         fail(failure)
-
-
-def _chosen_gpus(gpus: str | None) -> list[int] | None:
-    """The GPUs `--gpus` names, checked against this machine's before anything starts (None without it)."""
-    from cli.gpus import GpuChoiceError, numbering, parse_gpus, visible_gpu_count
-
-    if gpus is None:
-        return None
-    try:
-        return parse_gpus(gpus, visible_gpu_count(), numbered=numbering(os.environ))
-    except GpuChoiceError as error:
-        fail(str(error))
 
 
 def _say_up(stack: Stack) -> None:

@@ -223,6 +223,31 @@ def test_up_outlives_one_dead_worker_and_ends_when_none_is_left(tmp_path: Path, 
                 process.kill()
 
 
+@no_cuda_only
+def test_run_with_gpus_renders_the_batch_on_a_worker_per_gpu(tmp_path: Path, model_cache: Path) -> None:
+    """The main job on two "cards": `run --gpus all` under CUDA_VISIBLE_DEVICES=0,1 (each runs on the CPU
+    here) starts a worker per GPU, both render part of the batch, and every image is downloaded once."""
+    env = {**stack_env(tmp_path, model_cache, "run-gpus"), "CUDA_VISIBLE_DEVICES": "0,1"}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"two cards {index}\n" for index in range(8)))
+    out = tmp_path / "renders"
+    done = cli(env, "run", str(prompts), "--gpus", "all", "--sizes", "64", "--steps", "2",
+               "--out", str(out), timeout=300)  # fmt: skip
+    said = output(done)
+    assert done.returncode == 0, said
+    assert "2 workers, one per GPU" in said and "8 of 8 images" in said
+    database = make_database(f"sqlite:///{Path(env['DATA_DIR']) / 'nightrender.db'}")
+    try:
+        with make_session_factory(database)() as session:
+            rows = session.execute(select(JobStats.worker, JobStats.gpu_index)).all()
+    finally:
+        database.dispose()
+    assert len(rows) == 8
+    assert {(worker.split("@")[0], gpu) for worker, gpu in rows} == {("worker-gpu0", 0), ("worker-gpu1", 1)}
+    assert len(list(out.rglob("*.png"))) == 8
+    assert not (Path(env["DATA_DIR"]) / "stack.json").exists()  # run stopped what it started
+
+
 @pytest.mark.gpu
 @two_gpus_only
 def test_up_with_two_gpus_puts_a_worker_on_each_card(tmp_path: Path, model_cache: Path) -> None:
