@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from cli.stack import Stack
 from jobs import migrate
+from jobs.db import make_database, make_session_factory
 from jobs.queue import Publisher
 from jobs.settings import Settings
 
@@ -96,6 +98,14 @@ def settings(database_url: str, tmp_path: Path, model_cache: Path) -> Iterator[S
         api_port=_free_port(),
     )
     _delete_queue_keys(queue)
+
+
+@pytest.fixture
+def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the test's migrated database (its engine is disposed after the test)."""
+    engine = make_database(settings.resolved_database_url())
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 def _delete_queue_keys(queue: str) -> None:

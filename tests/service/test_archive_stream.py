@@ -10,7 +10,6 @@ import io
 import json
 import random
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from api.archive import ESTIMATED_BYTES_HEADER, stream_archive
 from cli.client import Client
 from cli.downloads import download_batch
 from cli.stack import Stack
-from jobs.db import make_database, make_session_factory, transaction
+from jobs.db import transaction
 from jobs.lifecycle import claim_job, fail_job, finish_job, retry_jobs
 from jobs.params import GenerationParams
 from jobs.results import stored_result_path
@@ -46,14 +45,6 @@ STATS = {
     "torch_version": "2.x",
     "diffusers_version": "0.x",
 }
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the test's database, to leave jobs the way the worker does."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def write_png(path: Path, seed: int, side: int = 32) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from jobs.db import make_database, make_session_factory
 from jobs.queue import (
     PIPELINE_MESSAGES,
     PRIORITY_STEPS,
@@ -38,14 +36,6 @@ JOBS = 2 * PIPELINE_MESSAGES + 500  # several pipeline round trips, the last one
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 HOUR_S = 3600.0
 MODEL = "synthetic:tiny"  # the settings fixture's worker model
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the test's database."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def publications(count: int) -> list[Publication]:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_database, make_session_factory, transaction
+from jobs.db import transaction
 from jobs.ordering import claimable_count, fair_groupmates
 from jobs.params import GenerationParams
 from jobs.presence import announce_worker, mark_ready
@@ -29,14 +29,6 @@ ON_BOTH_BACKENDS = pytest.mark.parametrize("empty_database_url", BACKENDS, indir
 
 MODEL, OTHER_MODEL = "synthetic:tiny", "synthetic:full"  # the runner's model, and one it does not serve
 GROUP_SIZE = 4  # ENCODE_GROUP_SIZE: a claim adds at most 3 groupmates
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """A session factory on the test's migrated database."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

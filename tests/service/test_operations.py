@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -41,14 +40,6 @@ SMALL = {"width": 64, "height": 64, "steps": 2, "model": MODEL}
 PARAMS = GenerationParams(prompt="a red fox", width=64, height=64, steps=2, seed=7, model=MODEL)
 HOUR_S = 3600.0
 STATS = {"rung": "none", "device_name": "test", "torch_version": "2.x", "diffusers_version": "0.x"}
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """A session factory on the same database the API uses."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def row(factory: sessionmaker[Session], job_id: str) -> Job:

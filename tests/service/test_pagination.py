@@ -5,7 +5,6 @@ Before, the job list of a 10,000-job batch came back whole (1.75 MB) and batches
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,23 +12,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_database, make_session_factory, transaction
+from jobs.db import transaction
 from jobs.lifecycle import claim_job, fail_job, retry_jobs
 from jobs.pages import BATCHES_LIST, encode_cursor
-from jobs.settings import Settings
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("empty_database_url", BACKENDS, indirect=True)
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "model": "synthetic:tiny"}
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the test's database, to set up jobs the way the worker leaves them."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def create_batch(client: TestClient, prompts: int, priority: int = 0) -> dict[str, Any]:

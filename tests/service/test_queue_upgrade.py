@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from cli.stack import Stack, worker_command
-from jobs.db import make_database, make_session_factory
 from jobs.queue import (
     PRIORITY_STEPS,
     RENDER_TASK,
@@ -41,14 +40,6 @@ SERVED = "synthetic:tiny"  # the settings fixture's worker model
 UNSERVED = "synthetic:full"
 SMALL = {"width": 64, "height": 64, "steps": 2}
 HOUR_S = 3600.0
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the test's database."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from cli.stack import Stack
-from jobs.db import make_database, make_session_factory
 from jobs.presence import announce_worker, mark_ready, mark_stopped
 from jobs.queue import PRIORITY_STEPS, Publication, Publisher, model_queue
 from jobs.reconcile import reconcile_once
@@ -42,14 +41,6 @@ UNSERVED = "synthetic:full"  # allowed, but no worker of it ever starts here
 SMALL = {"width": 64, "height": 64, "steps": 2}
 HOUR_S = 3600.0
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the test's database."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from jobs.controls import set_paused
-from jobs.db import make_database, make_session_factory, transaction
+from jobs.db import transaction
 from jobs.filenames import prompt_slug
 from jobs.lifecycle import request_cancel
 from jobs.params import GenerationParams
@@ -48,14 +48,6 @@ def params(dtype: str = "bf16") -> GenerationParams:
         model=TINY,
         dtype=dtype,  # type: ignore[arg-type]
     )
-
-
-@pytest.fixture
-def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """A session factory on the test's migrated database."""
-    engine = make_database(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture
