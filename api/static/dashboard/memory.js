@@ -143,7 +143,9 @@ function workersTable(workers) {
       w.host,
       w.state,
       `${w.model || "—"} ${w.dtype ? `(${w.dtype})` : ""}`,
-      w.device_name || "—",
+      w.gpu_index === null || w.gpu_index === undefined
+        ? w.device_name || "—"
+        : `GPU ${w.gpu_index}: ${w.device_name || "—"}`,
       formatBytes(w.vram_budget_bytes),
       formatTime(w.beat_at),
       w.live ? "yes" : "no",
