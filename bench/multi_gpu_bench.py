@@ -41,7 +41,8 @@ from bench.service_bench import (
     stack_settings,
     timing_figures,
 )
-from cli.stack import Stack, worker_command
+from cli.process_commands import worker_command
+from cli.stack import Stack
 from jobs.db import make_database, make_session_factory
 from jobs.tables import Job, JobStats
 

@@ -127,7 +127,8 @@ def _run(
 def _stack_for(client: Client, model: str | None, budget: str | None, gpus: list[int] | None) -> Stack | None:
     """A stack to start when no API answers (one worker per GPU with --gpus); None (with a word on
     --budget and --gpus) when one does."""
-    from cli.stack import Stack, worker_overrides
+    from cli.process_commands import worker_overrides
+    from cli.stack import Stack
 
     if not client.healthy():
         if settings().api_url:  # a stack elsewhere that does not answer: starting one here would not help

@@ -44,7 +44,8 @@ def up(model: Model = None, budget: Budget = None, gpus: Gpus = None) -> None:
 
     With --gpus, one worker per GPU (worker-gpu0, worker-gpu1, ...), each pinned to its card.
     """
-    from cli.stack import Stack, StackError, worker_overrides
+    from cli.process_commands import worker_overrides
+    from cli.stack import Stack, StackError
 
     chosen = chosen_gpus(gpus)
     stack = Stack(settings(), extra_env=worker_overrides(model, budget), exclusive=True, gpus=chosen)
@@ -155,7 +156,7 @@ def _print_log_line(line: str) -> None:
 
 def api() -> None:
     """Run only the HTTP API (uvicorn), in the foreground."""
-    from cli.stack import api_command, shared_metrics_env
+    from cli.process_commands import api_command, shared_metrics_env
 
     config = settings()
     os.environ.update(shared_metrics_env(config))
@@ -165,7 +166,7 @@ def api() -> None:
 
 def worker(gpu: Gpu = None) -> None:
     """Run one Celery worker for this machine's GPU (or the one --gpu names), in the foreground."""
-    from cli.stack import worker_command
+    from cli.process_commands import worker_command
     from worker.engine.loading import EngineError, check_device_for, pick_device
 
     config = settings()

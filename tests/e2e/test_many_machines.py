@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, select
 
-from cli.stack import Stack, worker_command
+from cli.process_commands import worker_command
+from cli.stack import Stack
 from jobs.settings import Settings
 from jobs.tables import Job
 

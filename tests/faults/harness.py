@@ -17,7 +17,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from cli.embedded_redis import redis_server_command
-from cli.stack import Stack, worker_command
+from cli.process_commands import worker_command
+from cli.stack import Stack
 from jobs.db import make_database
 from jobs.settings import Settings
 from jobs.tables import Job, JobStats

@@ -20,7 +20,8 @@ from kombu.transport.redis import Channel
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from cli.stack import Stack, worker_command
+from cli.process_commands import worker_command
+from cli.stack import Stack
 from jobs.queue import (
     PRIORITY_STEPS,
     RENDER_TASK,

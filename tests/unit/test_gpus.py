@@ -21,7 +21,7 @@ from cli.gpus import (
     worker_env,
     worker_pinning,
 )
-from cli.stack import worker_command
+from cli.process_commands import worker_command
 from jobs.presence import pinned_gpu
 from jobs.queue import model_queue
 from jobs.settings import Settings
