@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
-from jobs.serving import served_models
+from jobs.serving import serving_counts
 from jobs.settings import Settings
 from jobs.tables import utcnow
 from jobs.worker_views import silent_after_s
@@ -42,26 +42,30 @@ class ServedModels:
         """An empty reading, taken on first use."""
         self.max_age_s = max_age_s
         self._clock = clock
-        self._models: frozenset[str] | None = None
+        self._counts: Mapping[str, int] | None = None
         self._taken_at = 0.0
         self._writer = threading.Lock()
 
     def models(self, session: Session, *, silence_s: float) -> frozenset[str]:
         """The served models; `silence_s` is how long a ready worker may go without a beat."""
-        if self._stale() and self._writer.acquire(blocking=self._models is None):
+        return frozenset(self.workers(session, silence_s=silence_s))
+
+    def workers(self, session: Session, *, silence_s: float) -> Mapping[str, int]:
+        """How many live or starting workers serve each served model."""
+        if self._stale() and self._writer.acquire(blocking=self._counts is None):
             try:
                 if self._stale():
                     self._refresh(session, silence_s)
             finally:
                 self._writer.release()
-        return self._models or frozenset()
+        return self._counts or {}
 
     def _stale(self) -> bool:
-        return self._models is None or self._clock() - self._taken_at >= self.max_age_s
+        return self._counts is None or self._clock() - self._taken_at >= self.max_age_s
 
     def _refresh(self, session: Session, silence_s: float) -> None:
         taken_at = self._clock()
-        self._models = frozenset(served_models(session, now=utcnow(), silent_after_s=silence_s))
+        self._counts = dict(serving_counts(session, now=utcnow(), silent_after_s=silence_s))
         self._taken_at = taken_at
 
 
@@ -71,13 +75,18 @@ _readings_lock = threading.Lock()
 
 def served_now(session: Session, settings: Settings) -> frozenset[str]:
     """The models served now, as this process last read them for the session's database (≤ MAX_AGE_S old)."""
+    return frozenset(serving_now(session, settings))
+
+
+def serving_now(session: Session, settings: Settings) -> Mapping[str, int]:
+    """How many workers serve each served model now (the same reading as `served_now`)."""
     bind = session.get_bind()
     database = bind.engine if isinstance(bind, Connection) else bind
     with _readings_lock:
         reading = _readings.get(database)
         if reading is None:
             reading = _readings[database] = ServedModels()
-    return reading.models(session, silence_s=silent_after_s(settings.heartbeat_interval_s))
+    return reading.workers(session, silence_s=silent_after_s(settings.heartbeat_interval_s))
 
 
 def unserved_warnings(session: Session, settings: Settings, models: Iterable[str]) -> list[str]:

@@ -46,7 +46,7 @@ from jobs.queue import Publisher
 from jobs.settings import Settings
 from jobs.submit import IdempotencyConflict, Submission, submit_batch
 from jobs.tables import Batch
-from jobs.unserved import served_now, unserved_warnings
+from jobs.unserved import serving_now, unserved_warnings
 from jobs.views import batch_view
 from jobs.webhooks import webhook_refusal_off_loop, webhook_status
 
@@ -234,7 +234,7 @@ def get_batch(
 
 def batch_summary(session: Session, batch: Batch, settings: Settings) -> dict[str, Any]:
     """What `GET /v1/batches/{id}` and a batch cancel answer."""
-    view = batch_view(session, batch, served=served_now(session, settings))
+    view = batch_view(session, batch, serving=serving_now(session, settings))
     return {**view, "webhook": webhook_status(session, batch=batch)}
 
 

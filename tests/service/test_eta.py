@@ -16,9 +16,10 @@ from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, finish_job
 from jobs.params import GenerationParams
 from jobs.presence import announce_worker, mark_ready
+from jobs.serving import serving_counts
 from jobs.settings import Settings
 from jobs.submit import insert_batch
-from jobs.tables import Batch, Job
+from jobs.tables import Batch, Job, utcnow
 from jobs.views import batch_view
 from tests.conftest import BACKENDS
 
@@ -158,3 +159,28 @@ def test_with_a_forecast_a_size_not_yet_measured_is_priced_by_it(factory: sessio
     assert eta(factory, batch[0]) == pytest.approx(truth, abs=0.05)
     by_pixel = expected_seconds(*small) + 3 * expected_seconds(*large)  # the pace alone: 4x pixels, 4x time
     assert abs(truth - by_pixel) > 0.5
+
+
+def ready_worker(factory: sessionmaker[Session], node: str) -> None:
+    """A worker of MODEL that is ready and beating now."""
+    with factory() as session:
+        worker_id = announce_worker(session, node=node, model=MODEL, dtype="bf16", offload_mode="auto")
+        mark_ready(session, worker_id=worker_id, device_name="test-device", vram_budget_bytes=None)
+
+
+def test_two_workers_of_the_model_share_the_remaining_time(factory: sessionmaker[Session]) -> None:
+    """The remaining jobs' time is one worker's; two workers of the batch's model render them side by side."""
+    batch = add_batch(factory, [MEDIUM] * 6)
+    render(factory, batch[0], MEDIUM)
+    one = eta(factory, batch[0])
+    assert one is not None and one > 1.0
+    for node in ("worker-gpu0@test", "worker-gpu1@test"):
+        ready_worker(factory, node)
+    with factory() as session:
+        serving = serving_counts(session, now=utcnow(), silent_after_s=60)
+        view = batch_view(
+            session, session.get_one(Batch, session.get_one(Job, batch[0]).batch_id), serving=serving
+        )
+    assert serving[MODEL] == 2
+    assert view["eta_seconds"] == pytest.approx(one / 2, abs=0.1)
+    assert view["unserved_models"] == []
