@@ -48,6 +48,7 @@ from jobs import migrate
 from jobs.db import make_database, make_session_factory, transaction
 from jobs.lifecycle import claim_job, finish_job
 from jobs.params import GenerationParams
+from jobs.results import stored_result_path
 from jobs.settings import Settings
 from jobs.submit import insert_batch
 
@@ -161,8 +162,9 @@ def build_finished_batch(settings: Settings, jobs: int, side: int) -> tuple[str,
                 assert claim is not None
                 path = outputs / f"{job_id}.png"
                 written += write_png(path, rng, side)
+                relative = stored_result_path(outputs, path)  # as the worker's writer stores it
                 stored = finish_job(
-                    session, job_id=job_id, lease_token=claim.lease_token, result_path=str(path), stats=STATS
+                    session, job_id=job_id, lease_token=claim.lease_token, result_path=relative, stats=STATS
                 )
                 assert stored
     finally:
