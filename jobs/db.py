@@ -5,19 +5,22 @@ SQLite embedded.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import CursorResult, Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, create_engine, event
 from sqlalchemy import Result as QueryResult
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
+Kept = TypeVar("Kept")
 
 
 def make_database(url: str, *, pool_size: int = 5, pool_timeout_s: float = 30.0) -> Engine:
@@ -102,3 +105,25 @@ def rowcount(result: QueryResult[Any]) -> int:
     """How many rows an UPDATE matched: the one place that reads the cursor's count."""
     assert isinstance(result, CursorResult)  # what every UPDATE returns
     return result.rowcount
+
+
+class PerDatabase(Generic[Kept]):
+    """One object per process and database, made on first use: a cache the API's threads share.
+
+    Keyed weakly by the Engine, so a disposed database (a test's) takes its object with it.
+    """
+
+    def __init__(self, make: Callable[[], Kept]) -> None:
+        self._make = make
+        self._kept: weakref.WeakKeyDictionary[Engine, Kept] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def of(self, session: Session) -> Kept:
+        """The object of the database this session reads."""
+        bind = session.get_bind()
+        database = bind.engine if isinstance(bind, Connection) else bind
+        with self._lock:
+            kept = self._kept.get(database)
+            if kept is None:
+                kept = self._kept[database] = self._make()
+            return kept

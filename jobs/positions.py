@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from bisect import bisect_left
 from collections.abc import Callable
 from datetime import datetime
 from typing import TypeAlias
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from jobs.db import PerDatabase
 from jobs.ordering import FIFO
 from jobs.states import JobStatus
 from jobs.tables import Job
@@ -107,16 +107,9 @@ class QueueSnapshot:
             self._writer.release()
 
 
-_snapshots: weakref.WeakKeyDictionary[Engine, QueueSnapshot] = weakref.WeakKeyDictionary()
-_snapshots_lock = threading.Lock()
+_snapshots = PerDatabase(QueueSnapshot)
 
 
 def snapshot_for(session: Session) -> QueueSnapshot:
     """The snapshot of the database this session reads: one per process and database."""
-    bind = session.get_bind()
-    database = bind.engine if isinstance(bind, Connection) else bind
-    with _snapshots_lock:
-        snapshot = _snapshots.get(database)
-        if snapshot is None:
-            snapshot = _snapshots[database] = QueueSnapshot()
-        return snapshot
+    return _snapshots.of(session)

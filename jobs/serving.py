@@ -29,11 +29,6 @@ def serving_counts(session: Session, *, now: datetime, silent_after_s: float) ->
     return Counter(rows)
 
 
-def served_models(session: Session, *, now: datetime, silent_after_s: float) -> set[str]:
-    """The models at least one live or starting worker serves."""
-    return set(serving_counts(session, now=now, silent_after_s=silent_after_s))
-
-
 def serving_workers(session: Session, *, model: str, now: datetime, silent_after_s: float) -> int:
     """How many live or starting workers serve `model` (0: its jobs wait for one to start)."""
     return serving_counts(session, now=now, silent_after_s=silent_after_s)[model]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 
-from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
+from jobs.db import PerDatabase
 from jobs.serving import serving_counts
 from jobs.settings import Settings
 from jobs.tables import utcnow
@@ -69,8 +68,7 @@ class ServedModels:
         self._taken_at = taken_at
 
 
-_readings: weakref.WeakKeyDictionary[Engine, ServedModels] = weakref.WeakKeyDictionary()
-_readings_lock = threading.Lock()
+_readings = PerDatabase(ServedModels)
 
 
 def served_now(session: Session, settings: Settings) -> frozenset[str]:
@@ -80,12 +78,7 @@ def served_now(session: Session, settings: Settings) -> frozenset[str]:
 
 def serving_now(session: Session, settings: Settings) -> Mapping[str, int]:
     """How many workers serve each served model now (the same reading as `served_now`)."""
-    bind = session.get_bind()
-    database = bind.engine if isinstance(bind, Connection) else bind
-    with _readings_lock:
-        reading = _readings.get(database)
-        if reading is None:
-            reading = _readings[database] = ServedModels()
+    reading = _readings.of(session)
     return reading.workers(session, silence_s=silent_after_s(settings.heartbeat_interval_s))
 
 

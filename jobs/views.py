@@ -72,13 +72,7 @@ def job_view(session: Session, job: Job, *, served: Set[str] | None = None) -> d
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     """How many of a batch's jobs are in each state (every state listed)."""
-    return batch_counts_and_queued_models(session, batch_id)[0]
-
-
-def batch_counts_and_queued_models(session: Session, batch_id: str) -> tuple[dict[str, int], set[str]]:
-    """How many of a batch's jobs are in each state, and the models of its queued jobs, in one query."""
-    counts, models = batch_counts_and_models(session, batch_id)
-    return counts, models[JobStatus.QUEUED]
+    return batch_counts_and_models(session, batch_id)[0]
 
 
 def batch_counts_and_models(

@@ -12,11 +12,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +25,7 @@ from cli.process_commands import worker_command
 from cli.stack import Stack
 from jobs.settings import Settings
 from jobs.tables import Job
+from tests.e2e.test_end_to_end import wait_for_batch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)]
 PROMPTS = ["a lighthouse at dusk", "a cat on a roof", "a neon street in the rain"]
@@ -69,20 +68,6 @@ def stop_every_process(stack: Stack) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-
-
-def wait_for_batch(http: httpx.Client, batch_id: str, timeout: float = 240.0) -> dict[str, Any]:
-    """Poll the batch until no job is queued or running."""
-    deadline = time.monotonic() + timeout
-    summary: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        summary = http.get(f"/v1/batches/{batch_id}").json()
-        if summary["status"] not in ("queued", "running"):
-            return summary
-        time.sleep(0.3)
-    # Still queued: the worker consumes one queue and the API publishes to another (queue per model
-    # on one side only), or the worker never got the messages.
-    raise AssertionError(f"batch {batch_id} did not finish: {summary}")
 
 
 def stored_result_paths(settings: Settings, job_ids: list[str]) -> dict[str, str]:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -35,6 +34,7 @@ from jobs.reconcile import reconcile_once
 from jobs.settings import Settings
 from jobs.tables import Job
 from tests.conftest import REDIS_URL, local_client
+from tests.service.test_routing import wait_until
 from worker.celery_app import worker_config
 
 SERVED = "synthetic:tiny"  # the settings fixture's worker model
@@ -82,15 +82,6 @@ def send_as_before(settings: Settings, job_id: str, priority: int) -> None:
         queue=settings.queue_name,
         priority=broker_priority(priority),
     )
-
-
-def wait_until(ready: Callable[[], bool], what: str, timeout_s: float) -> None:
-    """Poll until `ready()`; fail naming `what` if it never is."""
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def status_of(factory: sessionmaker[Session], job_id: str) -> str:
